@@ -1,0 +1,179 @@
+"""prepare_data.py on real files: the SQLite database, the JSONL dialogs and the token shards."""
+import hashlib
+import json
+import os
+import re
+import sqlite3
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import configurator
+import prepare_data as pd
+import tokenizer as tok
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def prepare(out_dir, **overrides):
+    cfg = configurator.parse(pd.DEFAULTS, [f'--out_dir={out_dir}', '--n_people=300', '--n_ood=100']
+                             + [f'--{k}={v}' for k, v in overrides.items()])
+    return pd.prepare(cfg)
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp('data')
+    prepare(out)
+    return out
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def people(data_dir, split):
+    db = sqlite3.connect(data_dir / 'people.db')
+    return db.execute('SELECT p.* FROM people p JOIN population s USING (name) '
+                      'WHERE s.split = ? ORDER BY name', (split,)).fetchall()
+
+
+def tree_digest(path):
+    return {f: hashlib.sha256((path / f).read_bytes()).hexdigest() for f in sorted(os.listdir(path))
+            if f != 'meta.json'}  # meta.json records out_dir, which differs
+
+
+def test_same_seed_same_bytes_other_seed_other_people(tmp_path, data_dir):
+    prepare(tmp_path / 'a')
+    assert tree_digest(tmp_path / 'a') == tree_digest(data_dir)
+    prepare(tmp_path / 'b', seed=1)
+    assert people(tmp_path / 'b', 'train') != people(data_dir, 'train')
+
+
+def test_people_unique_attributes_in_range_and_ood_first_names_disjoint(data_dir):
+    train, ood = people(data_dir, 'train'), people(data_dir, 'ood')
+    assert len(train) == 300 and len(ood) == 100
+    assert len({p[0] for p in train + ood}) == 400
+    for name, date, *_ in train + ood:
+        day, month, year = map(int, date.split('/'))
+        assert 1 <= day <= 28 and 1 <= month <= 12 and 1950 <= year <= 2000
+    assert not {p[0].split()[0] for p in train} & {p[0].split()[0] for p in ood}
+    atoms = pd.load_atoms()
+    assert all(p[2] in atoms['countries'] and p[3] in atoms['cities'] and p[4] in atoms['occupations']
+               for p in train + ood)
+
+
+def test_alpha_zero_makes_families_share_attributes(tmp_path):
+    prepare(tmp_path, alpha=0.0, n_people=2000)
+    by_family = {}
+    for name, _, place, city, job in people(tmp_path, 'train'):
+        by_family.setdefault(name.split()[1], set()).add((place, city, job))
+    assert all(len(v) == 1 for v in by_family.values())
+    assert max(len(v) for v in by_family.values()) == 1 and len(by_family) > 100
+
+
+def test_every_tool_query_returns_its_database_turn(data_dir):
+    from tool import format_rows
+    db = sqlite3.connect(f"file:{data_dir / 'people.db'}?mode=ro", uri=True)
+    truth = {p[0]: dict(zip(pd.ATTRIBUTES, p[1:])) for split in pd.SPLITS for p in people(data_dir, split)}
+    for split in pd.SPLITS:
+        dialogs = read_jsonl(data_dir / f'qatool_{split}.jsonl')
+        assert len(dialogs) == 4 * (300 if split == 'train' else 100)
+        for d in dialogs:
+            user, rest = d['text'].removeprefix('<|user|>').split('<|assistant|>', 1)
+            sql, rest = rest.split('<|database|>')
+            db_turn, answer = rest.split('<|assistant|>')
+            assert answer.endswith('<|eod|>')
+            assert format_rows(db.execute(sql).fetchall()) == db_turn
+            name = sql.split("name = '", 1)[1][:-2].replace("''", "'")
+            attr = sql.split()[1]
+            assert name in user and db_turn == truth[name][attr] and truth[name][attr] in answer
+
+
+def test_sql_quotes_apostrophes(tmp_path):
+    from tool import format_rows
+    db = sqlite3.connect(tmp_path / 'x.db')
+    db.execute('CREATE TABLE people(name TEXT PRIMARY KEY, birth_date TEXT)')
+    db.execute("INSERT INTO people VALUES ('Ada O''Brien', '1/2/1970')")
+    dialogs, _ = pd.render_dialogs([("Ada O'Brien", '1/2/1970', 'France', 'Paris', 'engineer')])
+    sql = dialogs['qatool'][0].split('<|assistant|>')[1].split('<|database|>')[0]
+    assert sql == "SELECT birth_date FROM people WHERE name = 'Ada O''Brien';"
+    assert format_rows(db.execute(sql).fetchall()) == '1/2/1970'
+    assert "works as an engineer." in dialogs['qa'][3]
+
+
+def test_questions_hold_expected_answers(data_dir):
+    questions = read_jsonl(data_dir / 'questions_ood.jsonl')
+    truth = {p[0]: dict(zip(pd.ATTRIBUTES, p[1:])) for p in people(data_dir, 'ood')}
+    assert len(questions) == 400
+    for q in questions:
+        assert q['answer'] == truth[q['name']][q['attribute']]
+        assert q['name'] in q['question'] and q['answer'] in q['target']
+
+
+@pytest.mark.parametrize('dataset', pd.DATASETS)
+def test_shard_decodes_to_jsonl_and_masks_exactly_the_assistant(data_dir, dataset):
+    tokens, mask, starts, header = pd.read_shard(data_dir / f'{dataset}_train.bin')
+    assert header['vocab_size'] == 260 and header['token_dtype'] == 'uint16'
+    texts = [d['text'] for d in read_jsonl(data_dir / f'{dataset}_train.jsonl')]
+    ends = list(starts[1:]) + [len(tokens)]
+    byte_tok = tok.ByteTokenizer()
+    for text, lo, hi in zip(texts, starts, ends):
+        assert byte_tok.decode(tokens[lo:hi].tolist()) == text
+        # the assistant's tokens, read back: every assistant turn, with the token ending it
+        expected = ''.join(re.findall(r'<\|assistant\|>(.*?(?:<\|database\|>|<\|eod\|>))', text))
+        assert expected.count('<|eod|>') == 1
+        assert byte_tok.decode(tokens[lo:hi][mask[lo:hi]].tolist()) == expected
+
+
+def test_truncated_or_altered_shard_is_rejected(tmp_path, data_dir):
+    raw = (data_dir / 'qa_train.bin').read_bytes()
+    cases = {'truncated': raw[:-10], 'short': raw[:100], 'magic': b'\0' * 8 + raw[8:],
+             'token flipped': raw[:300] + bytes([raw[300] ^ 1]) + raw[301:],
+             'version': raw[:8] + (99).to_bytes(8, 'little') + raw[16:]}
+    for problem, data in cases.items():
+        path = tmp_path / f'{problem}.bin'
+        path.write_bytes(data)
+        with pytest.raises(pd.ShardError, match=str(path)):
+            pd.read_shard(path)
+
+
+def test_bpe_file_round_trips_through_tiktoken(tmp_path):
+    meta = prepare(tmp_path, bpe_vocab=400)
+    assert meta['tokenizer']['kind'] == 'tiktoken' and meta['vocab_size'] == 404
+    bpe = tok.from_meta(meta['tokenizer'])
+    text = read_jsonl(tmp_path / 'qatool_train.jsonl')[0]['text']
+    ids = bpe.encode(text)
+    assert bpe.decode(ids) == text
+    assert len(ids) < len(text.encode()) / 2  # the merges are used
+    tokens, mask, starts, _ = pd.read_shard(tmp_path / 'qatool_train.bin')
+    assert bpe.decode(tokens[:starts[1]].tolist()) == text
+    assert bpe.decode(tokens[:starts[1]][mask[:starts[1]]].tolist()).endswith('<|database|>' + text.split('<|assistant|>')[-1])
+
+
+def test_existing_out_dir_is_kept_without_overwrite(data_dir):
+    before = tree_digest(data_dir)
+    with pytest.raises(FileExistsError, match='--overwrite'):
+        prepare(data_dir)
+    assert tree_digest(data_dir) == before
+
+
+def test_command_line_rejects_unknown_option_and_bad_type(tmp_path):
+    run = lambda *args: subprocess.run([sys.executable, 'prepare_data.py', *args], cwd=ROOT,
+                                       capture_output=True, text=True)
+    r = run('--n_peple=5', f'--out_dir={tmp_path}')
+    assert r.returncode != 0 and "unknown config key 'n_peple'" in r.stderr and 'n_people' in r.stderr
+    r = run('--n_people=many', f'--out_dir={tmp_path}')
+    assert r.returncode != 0 and "'n_people' expects int" in r.stderr
+    assert not os.listdir(tmp_path)
+
+
+def test_offline_tiktoken_name_explains_how_to_provide_the_file(monkeypatch, tmp_path):
+    monkeypatch.setenv('TIKTOKEN_CACHE_DIR', str(tmp_path))  # empty cache: no network here
+    try:
+        tok.load_tiktoken('gpt2')
+    except RuntimeError as e:
+        assert '--tokenizer=/path/to/gpt2.tiktoken' in str(e)
