@@ -9,6 +9,7 @@ Database turn format (documented in the README):
   - a refused, malformed or failing query: 'error: <short reason>'
 """
 
+import re
 import sqlite3
 import time
 from pathlib import Path
@@ -36,13 +37,17 @@ def format_error(reason):
 #   'not allowed', 'timed out', 'too many rows', 'result too large',
 #   or sqlite's own short message, e.g. 'near "SELEC": syntax error', 'no such column: x'
 
-# harmless, deterministic scalar and aggregate functions (LIKE and GLOB are functions too)
+# harmless, deterministic scalar and aggregate functions (LIKE and GLOB are functions too). Not
+# printf/format, randomblob, zeroblob: one call can spin for seconds between progress checks.
 ALLOWED_FUNCTIONS = frozenset('''
     abs avg coalesce count glob group_concat ifnull iif instr length like lower ltrim max min
-    nullif printf format replace round rtrim substr substring sum total trim typeof upper
+    nullif replace round rtrim substr substring sum total trim typeof upper
 '''.split())
-MAX_VALUE_BYTES = 1 << 20  # sqlite's own cap on any one string/blob, so no query allocates GBs
-MAX_REASON_CHARS = 100     # sqlite messages can echo the model's SQL back; keep the turn short
+# sqlite's cap on any one string, blob or row. No value the model can see is longer than max_bytes,
+# and a small cap keeps even quadratic functions (instr, replace, trim) fast within one VM step.
+MAX_VALUE_BYTES = 4096
+CTE_NAME = re.compile(r'(\w+)\s*(?:\([^()]*\))?\s*\bAS\s*(?:NOT\s+)?(?:MATERIALIZED\s*)?\(', re.I)
+MAX_REASON_CHARS = 100  # sqlite messages can echo the model's SQL back; keep the turn short
 
 
 class Refused(Exception):
@@ -61,19 +66,26 @@ class SqlTool:
         self.conn = sqlite3.connect(path.as_uri() + '?mode=ro', uri=True,
                                     isolation_level=None, check_same_thread=False)
         self.conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_VALUE_BYTES)
+        # every real table name, virtual tables sqlite makes on demand (dbstat, json_each) included;
+        # read before the authorizer is on. A CTE may not borrow one of these names (_authorize).
+        self.tables = {n.lower() for (n,) in self.conn.execute(
+            'SELECT name FROM sqlite_master UNION SELECT name FROM pragma_module_list')}
         self.conn.set_authorizer(self._authorize)
         self.conn.set_progress_handler(self._progress, 1000)  # called every 1000 VM steps
         self.time_limit_s, self.max_rows = time_limit_s, max_rows
         self.max_bytes, self.max_sql_bytes = max_bytes, max_sql_bytes
-        self._deadline, self._denied = float('inf'), False
+        self._deadline, self._denied, self._ctes = float('inf'), False, set()
 
     def _authorize(self, action, arg1, arg2, db_name, source):
         if action in (sqlite3.SQLITE_SELECT, sqlite3.SQLITE_RECURSIVE):
             return sqlite3.SQLITE_OK  # an endless recursive CTE is stopped by the time limit
         if action == sqlite3.SQLITE_READ and db_name in ('main', None):
-            # arg1 is the table; columns of a subquery or CTE may report none (version-dependent),
-            # while a real table is always named, so only `people` can ever be read
-            if arg1 in ('people', '', None):
+            if arg1 == 'people':  # arg1: the table, arg2: the column ('' for count(*)-style use)
+                return sqlite3.SQLITE_OK
+            # count(*) over a CTE checks the CTE's name with no column: it reads no value itself
+            # (its body's reads were checked), but a CTE named like a real table must not let
+            # `SELECT count(*) FROM population` through elsewhere in the same query
+            if arg2 == '' and (arg1 or '').lower() in self._ctes:
                 return sqlite3.SQLITE_OK
         if action == sqlite3.SQLITE_FUNCTION and (arg2 or '').lower() in ALLOWED_FUNCTIONS:
             return sqlite3.SQLITE_OK
@@ -101,6 +113,8 @@ class SqlTool:
         if len(raw) > self.max_sql_bytes:
             raise Refused('query too long')
         text = raw.decode('utf-8')
+        self._ctes = {n for n in map(str.lower, CTE_NAME.findall(text))
+                      if n not in self.tables and not n.startswith(('sqlite_', 'pragma_'))}
         self._denied = False
         self._deadline = time.perf_counter() + self.time_limit_s
         cur = self.conn.cursor()
@@ -126,6 +140,8 @@ class SqlTool:
             return 'timed out'
         if getattr(e, 'sqlite_errorname', None) == 'SQLITE_TOOBIG':
             return 'result too large'
+        if str(e).startswith('Could not decode'):  # e.g. CAST(x'ff' AS TEXT) in the result
+            return 'not valid UTF-8'
         if isinstance(e, sqlite3.ProgrammingError):  # raised by Python's module, not sqlite
             if 'one statement' in str(e):
                 return 'only one statement allowed'

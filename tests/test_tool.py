@@ -7,14 +7,12 @@ leave the database file byte-identical.
 import hashlib
 import random
 import sqlite3
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so plain `pytest` finds tool.py
-from tool import SqlTool, format_rows  # noqa: E402
+from tool import SqlTool, format_rows
 
 PEOPLE = [
     ('Ada Smith', '3/7/1975', 'France', 'Paris', 'engineer'),
@@ -71,6 +69,11 @@ def digest(path):
      "WHERE occupation = 'doctor')", 'Noor Haddad'),
     ("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 3) SELECT x FROM c",
      '1\n2\n3'),
+    ('WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT 5) SELECT count(*) FROM c',
+     '5'),
+    ("WITH a AS (SELECT DISTINCT occupation FROM people), b(o) AS MATERIALIZED (SELECT * FROM a) "
+     "SELECT count(*) FROM b", '4'),
+    ("SELECT count(*) FROM (SELECT DISTINCT birth_place FROM people)", '4'),
     (b"SELECT occupation FROM people WHERE name = 'Ada Smith'", 'engineer'),  # bytes from tokens
 ])
 def test_query(tool, sql, expected):
@@ -99,7 +102,7 @@ HOSTILE = [
     ('CREATE VIEW v AS SELECT * FROM population', 'not allowed'),
     ('ALTER TABLE people ADD COLUMN x', 'not allowed'),
     ('CREATE INDEX i ON people(occupation)', 'not allowed'),
-    ('VACUUM', None),
+    ('VACUUM', 'not allowed'),
     ('ANALYZE', 'not allowed'),
     ('REINDEX', 'not allowed'),
     ('BEGIN', 'not allowed'),
@@ -112,6 +115,8 @@ HOSTILE = [
     ('PRAGMA writable_schema=1', 'not allowed'),
     ('PRAGMA journal_mode=WAL', 'not allowed'),
     ("SELECT * FROM pragma_table_info('people')", 'not allowed'),
+    ('SELECT count(*) FROM dbstat', 'not allowed'),
+    ("SELECT * FROM json_each('[1,2]')", 'not allowed'),
     # other tables, however they are reached
     ('SELECT * FROM population', 'not allowed'),
     ('SELECT count(*) FROM population', 'not allowed'),
@@ -124,12 +129,17 @@ HOSTILE = [
     ('SELECT sql FROM sqlite_schema', 'not allowed'),
     ('SELECT * FROM sqlite_temp_master', 'not allowed'),
     ('SELECT * FROM main.population', 'not allowed'),
+    # a CTE named like a real table must not open the real one elsewhere in the query
+    ('SELECT (WITH population AS (SELECT 1) SELECT count(*) FROM population), '
+     '(SELECT count(*) FROM population)', 'not allowed'),
+    ('WITH x AS (SELECT 1) SELECT count(*) FROM population', 'not allowed'),
+    ('WITH dbstat AS (SELECT 1) SELECT (SELECT count(*) FROM dbstat)', 'not allowed'),
     # functions outside the whitelist
     ("SELECT load_extension('/tmp/evil.so')", 'not allowed'),
     ('SELECT randomblob(1000000000)', 'not allowed'),
     ('SELECT zeroblob(1000000000)', 'not allowed'),
     ('SELECT sqlite_version()', 'not allowed'),
-    ("SELECT * FROM json_each('[1,2]')", None),
+    ("SELECT printf('%.*c', 100000, 'x')", 'not allowed'),
     # more than one statement
     ('SELECT 1; DROP TABLE people', 'only one statement allowed'),
     ('SELECT 1; SELECT 2', 'only one statement allowed'),
@@ -139,11 +149,14 @@ HOSTILE = [
     ('SELECT count(*) FROM people a, people b, people c, people d, people e', 'timed out'),
     # too big
     ('SELECT * FROM people', 'too many rows'),
-    ("SELECT printf('%.*c', 100000, 'x')", 'result too large'),
-    ('SELECT group_concat(name) FROM people', 'result too large'),
+    ('SELECT group_concat(name || birth_date || occupation) FROM people', 'result too large'),
+    ('SELECT group_concat(a.name) FROM people a, people b', 'result too large'),  # > 4 KiB value
+    ("WITH RECURSIVE c(s) AS (SELECT 'x' UNION ALL SELECT s || s FROM c) SELECT max(s) FROM c",
+     'result too large'),
     ('SELECT ' + ' ' * 2000 + '1', 'query too long'),
     # malformed
     (b'SELECT \xff\xfe', 'not valid UTF-8'),
+    ("SELECT CAST(x'ff' AS TEXT)", 'not valid UTF-8'),  # invalid UTF-8 made inside the query
     ('SELECT \ud800', 'not valid UTF-8'),  # a str with a lone surrogate cannot be encoded
     ('', 'empty query'),
     ('  \n ', 'empty query'),
@@ -162,9 +175,7 @@ HOSTILE = [
 def test_hostile(tool, db_path, sql, reason):
     before = digest(db_path)
     text, ok = tool(sql)
-    assert not ok and text.startswith('error: ')
-    if reason is not None:
-        assert text == f'error: {reason}'
+    assert not ok and text == f'error: {reason}'
     assert digest(db_path) == before
     assert tool("SELECT occupation FROM people WHERE name = 'Ada Smith'") == ('engineer', True)
 
@@ -177,19 +188,11 @@ def test_endless_query_times_out_quickly(tool):
     assert time.perf_counter() - t0 < 1.0
 
 
-def test_giant_value_is_capped(tool):
-    # sqlite's length limit stops a value of ~1 GB before it is allocated
-    t0 = time.perf_counter()
-    text, ok = tool("SELECT length(printf('%.*c', 1000000000, 'x'))")
-    assert time.perf_counter() - t0 < 1.0
-    assert text in ('NULL', 'error: result too large')
-
-
 def test_limits_are_parameters(db_path):
-    tool = SqlTool(db_path, max_rows=2, max_bytes=20, max_sql_bytes=60)
+    tool = SqlTool(db_path, max_rows=2, max_bytes=30, max_sql_bytes=60)
     assert tool('SELECT name FROM people ORDER BY name LIMIT 2') == ('Ada Smith\nLiam O\'Brien', True)
     assert tool('SELECT name FROM people LIMIT 3') == ('error: too many rows', False)
-    assert tool("SELECT 'abcdefghijklmnopqrstuvwxyz'") == ('error: result too large', False)
+    assert tool("SELECT 'abcdefghijklmnopqrstuvwxyz0123456789'") == ('error: result too large', False)
     assert tool('SELECT 1' + ' ' * 60) == ('error: query too long', False)
 
 
