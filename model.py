@@ -87,11 +87,42 @@ def masked_cross_entropy(h, weight, targets, loss_mask):
     return F.cross_entropy(logits.float(), targets.long()), logits
 
 
-def document_mask(doc_ids):
-    """(B, T) dialog ids -> (B, 1, T, T) bool: attend to earlier tokens of the same dialog."""
-    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
-    causal = torch.ones(doc_ids.size(1), doc_ids.size(1), dtype=torch.bool, device=doc_ids.device).tril()
-    return (same_doc & causal)[:, None]
+class DialogLayout:
+    """Where the real tokens of packed rows sit; computed once per forward from doc_ids (B, T).
+
+    Training runs every layer on the N real tokens only, flattened to (N, C): padding costs
+    nothing. Attention alone needs dialogs side by side, so it scatters q, k, v into a
+    (n_dialogs, max_len) grid, one dialog per row, runs causal attention there, and gathers back.
+    Attention can then never cross dialogs, and needs no (T, T) mask.
+    """
+
+    def __init__(self, doc_ids):
+        B, T = doc_ids.shape
+        flat = doc_ids.reshape(-1)
+        self.token_index = (flat >= 0).nonzero().squeeze(1)                      # (N,) into B*T
+        row = self.token_index // T
+        key = flat[self.token_index] + row * T               # unique per (row, dialog)
+        starts = torch.ones_like(key, dtype=torch.bool)
+        starts[1:] = key[1:] != key[:-1]
+        dialog = starts.cumsum(0) - 1                                              # (N,)
+        first_token = starts.nonzero().squeeze(1)                                  # (n_dialogs,)
+        self.pos = torch.arange(len(key), device=key.device) - first_token[dialog]  # (N,)
+        self.n_dialogs, self.max_len = len(first_token), int(self.pos.max()) + 1
+        self.slot = dialog * self.max_len + self.pos          # (N,) into n_dialogs * max_len
+
+    def attend(self, q, k, v):
+        """q (N, nh, hd), k and v (N, nkv, hd) -> causal attention within each dialog, (N, nh*hd)."""
+        def grid(t):  # (N, h, hd) -> (n_dialogs, h, max_len, hd), zeros after each dialog's end
+            out = t.new_zeros(self.n_dialogs * self.max_len, t.size(1), t.size(2))
+            out = out.index_copy(0, self.slot, t)
+            return out.view(self.n_dialogs, self.max_len, t.size(1), t.size(2)).transpose(1, 2)
+        q, k, v = grid(q), grid(k), grid(v)
+        if k.size(1) != q.size(1):  # grouped-query attention: share each kv head
+            k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
+            v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (n_dialogs, nh, max_len, hd)
+        y = y.transpose(1, 2).reshape(self.n_dialogs * self.max_len, -1)
+        return y.index_select(0, self.slot)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,15 +180,20 @@ class CausalSelfAttention(nn.Module):
         self.o_proj = nn.Linear(config.n_head * self.head_dim, config.n_embd, bias=False)
         self.kernels = config.kernels
 
-    def forward(self, x, cos, sin, attn_mask=None, cache=None, layer=0, write_pos=None):
+    def forward(self, x, cos, sin, attn_mask=None, layout=None, cache=None, layer=0, write_pos=None):
+        """x (B, T, C), or (N, C) with a DialogLayout for packed training rows."""
+        if layout is not None:
+            N, C = x.shape
+            q = self.q_proj(x).view(N, self.n_head, self.head_dim)       # (N, nh, hd)
+            k = self.k_proj(x).view(N, self.n_kv_head, self.head_dim)    # (N, nkv, hd)
+            v = self.v_proj(x).view(N, self.n_kv_head, self.head_dim)
+            q, k = self.rope(q, k, cos, sin)
+            return self.o_proj(layout.attend(q, k, v))
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        if use_triton(self.kernels, x):
-            q, k = triton_kernels.rope(q, k, cos, sin)
-        else:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self.rope(q, k, cos, sin)
         if cache is not None:  # write this step's keys/values, then attend over the whole cache
             index = write_pos[:, None, :, None].expand(B, self.n_kv_head, T, self.head_dim)
             cache.k[layer].scatter_(2, index, k)
@@ -172,6 +208,11 @@ class CausalSelfAttention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+
+    def rope(self, q, k, cos, sin):
+        if use_triton(self.kernels, q):
+            return triton_kernels.rope(q, k, cos, sin)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
 
 class MLP(nn.Module):
@@ -196,9 +237,14 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps, config.kernels)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, attn_mask=None, **cache_args):
-        x = x + self.attn(self.attn_norm(x), cos, sin, attn_mask, **cache_args)
-        return x + self.mlp(self.mlp_norm(x))
+    def forward(self, x, cos, sin, attn_mask=None, **kwargs):
+        y = self.attn(self.attn_norm(x), cos, sin, attn_mask, **kwargs)
+        if use_triton(self.mlp_norm.kernels, x):  # residual add and norm fused: one pass over x
+            x, h = triton_kernels.add_rms_norm(x, y, self.mlp_norm.weight, self.mlp_norm.eps)
+        else:
+            x = x + y
+            h = self.mlp_norm(x)
+        return x + self.mlp(h)
 
 
 class GPT(nn.Module):
@@ -233,21 +279,33 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, loss_mask=None, doc_ids=None):
         """idx (B, T) -> (logits, loss).
 
-        Without targets: logits (B, T, vocab). With targets: the mean cross-entropy over
-        positions where loss_mask is true (all when None), and the logits of just those
-        positions, (N, vocab), or None when the fused kernel never materialises them.
+        doc_ids (B, T): which dialog of its row each token belongs to, -1 for padding; attention
+        then stays within dialogs and padding is skipped. Without targets: logits (B, T, vocab)
+        (zeros at padding). With targets: the mean cross-entropy over positions where loss_mask
+        is true (all real positions when None), and the logits of just those positions,
+        (N, vocab), or None when the fused kernel never materialises them.
         """
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens, block_size is {self.config.block_size}")
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
-        attn_mask = document_mask(doc_ids) if doc_ids is not None else None
-        x = self.embed(idx)
+        if doc_ids is None:  # one sequence per row: plain causal attention
+            layout, x = None, self.embed(idx)
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]                       # (T, hd/2)
+        else:
+            layout = DialogLayout(doc_ids)
+            x = self.embed(idx.reshape(-1)[layout.token_index])                   # (N, C)
+            cos, sin = self.rope_cos[layout.pos][:, None], self.rope_sin[layout.pos][:, None]  # (N, 1, hd/2)
         for block in self.blocks:
-            x = block(x, cos, sin, attn_mask)
+            x = block(x, cos, sin, layout=layout)
         x = self.norm(x)
         if targets is None:
-            return self.lm_head(x), None
+            if layout is None:
+                return self.lm_head(x), None
+            logits = self.lm_head(x)
+            return logits.new_zeros(B * T, logits.size(-1)).index_copy(0, layout.token_index, logits).view(B, T, -1), None
+        if layout is not None:  # targets and mask of the real tokens only
+            targets = targets.reshape(-1)[layout.token_index]
+            loss_mask = loss_mask.reshape(-1)[layout.token_index] if loss_mask is not None else None
         if use_triton(self.config.kernels, x):
             return None, triton_kernels.linear_cross_entropy(x, self.lm_head.weight, targets, loss_mask)
         loss, logits = masked_cross_entropy(x, self.lm_head.weight, targets, loss_mask)
@@ -272,9 +330,10 @@ class GPT(nn.Module):
         """
         B, S = idx.shape
         steps = torch.arange(S, device=idx.device)
-        pos = lengths[:, None] + steps                                  # (B, S) absolute positions
-        if int(pos.max()) >= cache.max_len or int((lengths + n_new).max()) > cache.max_len:
+        if int((lengths + n_new).max()) > cache.max_len:
             raise ValueError(f"a lane would pass the cache's {cache.max_len} tokens")
+        # absolute positions; a padding token's is clamped: it only ever lands in the dump slot
+        pos = (lengths[:, None] + steps).clamp(max=cache.max_len - 1)   # (B, S)
         real = steps[None, :] < n_new[:, None]
         write_pos = torch.where(real, pos, cache.max_len)  # padding goes to the dump slot
         context = int((lengths + n_new).max())

@@ -53,6 +53,7 @@ DEFAULTS = dict(
     # optimizer and schedule
     learning_rate=1e-3,
     min_lr=0.0,               # the floor the schedule decays to
+    lr_decay_iters=0,         # the decay ends here; 0: at max_iters
     lr_decay='cosine',        # 'cosine' or 'linear'
     warmup_iters=50,
     weight_decay=0.1,
@@ -172,10 +173,11 @@ def to_batch(rows, device):
 # Schedule, checkpoints
 
 def lr_at(step, cfg):
-    """Linear warmup, then cosine or linear decay from learning_rate to min_lr at max_iters."""
+    """Linear warmup, then cosine or linear decay from learning_rate to min_lr at lr_decay_iters."""
     if step < cfg.warmup_iters:
         return cfg.learning_rate * (step + 1) / cfg.warmup_iters
-    progress = min(1.0, (step - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    progress = min(1.0, (step - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters))
     shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.lr_decay == 'cosine' else 1 - progress
     return cfg.min_lr + shape * (cfg.learning_rate - cfg.min_lr)
 
@@ -345,8 +347,8 @@ def train(cfg):
             if micro % world != rank:                       # and keeps its own micro-batches
                 continue
             idx, targets, mask, doc_ids = to_batch(rows, device)
-            n_dialogs += int(rows[2].max(axis=1).sum()) + len(rows[2])
-            n_tokens += idx.numel()
+            n_dialogs += int(rows[2].max(axis=1).sum()) + len(rows[2])  # ids are 0..k-1 per row
+            n_tokens += int((rows[2] >= 0).sum())  # real tokens: padding costs nothing
             last = micro + world >= cfg.gradient_accumulation_steps
             sync = model.no_sync() if world > 1 and not last else contextlib.nullcontext()
             with sync, autocast:

@@ -1,0 +1,118 @@
+"""model.py: shapes, the masked loss, parameter count, document masking and the KV cache."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import GPT, GPTConfig
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=50, block_size=48, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, kernels='torch')
+    return GPT(GPTConfig(**{**cfg, **kw}))
+
+
+def packed_rows(lengths, T, vocab=50, seed=0):
+    """Rows of back-to-back dialogs of the given lengths -> idx, doc_ids (-1 = padding)."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, vocab, (len(lengths), T), generator=g)
+    doc = torch.full((len(lengths), T), -1)
+    for r, row in enumerate(lengths):
+        start = 0
+        for d, n in enumerate(row):
+            doc[r, start:start + n] = d
+            start += n
+    return idx, doc
+
+
+def test_paper_size_model_has_2612_parameters():
+    model = GPT(GPTConfig(vocab_size=260, n_embd=4, n_layer=2, n_head=2))
+    assert model.num_params() == 2612
+    assert GPT(GPTConfig(vocab_size=260, n_embd=4, n_layer=2, n_head=2, tie_embeddings=True)).num_params() == 2612 - 1040
+
+
+def test_forward_backward_shapes_and_every_parameter_gets_a_gradient():
+    model = tiny()
+    idx = torch.randint(0, 50, (3, 20))
+    logits, loss = model(idx)
+    assert logits.shape == (3, 20, 50) and loss is None
+    _, loss = model(idx, targets=torch.randint(0, 50, (3, 20)))
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+@pytest.mark.parametrize('packed', [False, True])
+def test_masked_loss_is_the_mean_over_masked_positions(packed):
+    model = tiny()
+    idx, doc = packed_rows([[7, 9], [20]], 24)
+    targets = torch.randint(0, 50, (2, 24))
+    mask = torch.rand(2, 24) < 0.5
+    doc_ids = doc if packed else None
+    if packed:
+        mask &= doc >= 0
+    logits, _ = model(idx, doc_ids=doc_ids)
+    logp = F.log_softmax(logits.double(), -1).gather(-1, targets[..., None])[..., 0]
+    expected = -(logp * mask).sum() / mask.sum()
+    _, loss = model(idx, targets, mask, doc_ids)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)  # float32 logits vs float64
+
+
+def test_packed_dialogs_compute_what_they_compute_alone():
+    model = tiny()
+    lengths = [[5, 11, 3], [19], [8, 8]]
+    idx, doc = packed_rows(lengths, 20)
+    logits, _ = model(idx, doc_ids=doc)
+    for r, row in enumerate(lengths):
+        start = 0
+        for n in row:
+            alone, _ = model(idx[r:r + 1, start:start + n])
+            # float32, same math in another layout: summation order differs by a few ulps
+            torch.testing.assert_close(logits[r, start:start + n], alone[0], rtol=1e-5, atol=1e-5)
+            start += n
+
+
+def test_changing_one_dialog_leaves_the_others_untouched():
+    model = tiny()
+    idx, doc = packed_rows([[6, 10, 4]], 20)
+    logits, _ = model(idx, doc_ids=doc)
+    changed = idx.clone()
+    changed[0, 6:16] = (changed[0, 6:16] + 1) % 50  # rewrite the middle dialog
+    new_logits, _ = model(changed, doc_ids=doc)
+    assert torch.equal(logits[0, :6], new_logits[0, :6])
+    torch.testing.assert_close(logits[0, 16:20], new_logits[0, 16:20], rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(logits[0, 6:16], new_logits[0, 6:16])
+
+
+def test_kv_cache_decoding_matches_full_forward():
+    model = tiny().eval()
+    idx = torch.randint(0, 50, (3, 40))
+    full, _ = model(idx)
+    cache = model.new_cache(3, 48)
+    length = torch.tensor([5, 12, 7])
+    # prefill lanes of different lengths, right-padded
+    logits = model.extend(idx[:, :12], cache, torch.zeros(3, dtype=torch.long), length)
+    for b in range(3):
+        torch.testing.assert_close(logits[b], full[b, length[b] - 1], rtol=1e-5, atol=1e-5)
+    # then lanes append different numbers of tokens at once (a tool answer), then one at a time
+    for n_new in [torch.tensor([3, 1, 6])] + [torch.ones(3, dtype=torch.long)] * 15:
+        offsets = length[:, None] + torch.arange(int(n_new.max()))
+        step = idx.gather(1, offsets.clamp(max=39))
+        logits = model.extend(step, cache, length, n_new)
+        length = length + n_new
+        for b in range(3):
+            torch.testing.assert_close(logits[b], full[b, length[b] - 1], rtol=1e-5, atol=1e-5)
+
+
+def test_bad_shapes_are_refused():
+    with pytest.raises(ValueError, match='heads'):
+        GPTConfig(n_embd=30, n_head=4)
+    with pytest.raises(ValueError, match='kernels'):
+        GPTConfig(kernels='cuda')
+    with pytest.raises(ValueError, match='block_size'):
+        tiny()(torch.zeros(1, 49, dtype=torch.long))
+
+
+def test_flops_and_mfu():
+    model = tiny()
+    assert model.flops_per_token(48) > 6 * (model.num_params() - 50 * 32)
+    assert model.estimate_mfu(1000.0, 48, 1e12) == pytest.approx(model.flops_per_token(48) * 1000 / 1e12)

@@ -1,0 +1,123 @@
+"""train.py on real shards: packing, learning, exact resume, DDP, and its error messages."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import configurator
+import prepare_data
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp('data')
+    prepare_data.prepare(configurator.parse(prepare_data.DEFAULTS,
+                                            [f'--out_dir={out}', '--n_people=40', '--n_ood=12']))
+    return str(out)
+
+
+def config(data_dir, out_dir, *flags):
+    return configurator.parse(train.DEFAULTS, [
+        f'--data_dir={data_dir}', f'--out_dir={out_dir}', '--n_embd=32', '--n_head=2', '--batch_size=6',
+        '--warmup_iters=2', '--learning_rate=3e-3', '--log_interval=1', '--eval_interval=1000',
+        '--eval_iters=1', '--device=cpu', '--threads=1', *flags])
+
+
+def final_params(out_dir):
+    return torch.load(os.path.join(out_dir, 'ckpt.pt'), weights_only=False)['model']
+
+
+def test_rows_hold_whole_dialogs_in_seeded_order(data_dir):
+    batches = train.PackedBatches(data_dir, {'qa': 1.0}, 'train', 255, seed=3)
+    tokens, mask, doc_ids = batches.next_rows(4)
+    eod = 259
+    for row, docs in zip(tokens, doc_ids):
+        real = docs >= 0
+        assert real[0] and not real[np.argmin(real):].any()  # dialogs first, then padding
+        assert row[0] == 256  # a row starts at a dialog start (<|user|>)
+        ends = np.flatnonzero(row == eod)
+        assert ends[-1] == real.sum() - 1 and len(ends) == docs.max() + 1 > 1  # packed, whole
+        assert 256 - real.sum() < 100  # the next dialog (<= 102 tokens) did not fit
+    again = train.PackedBatches(data_dir, {'qa': 1.0}, 'train', 255, seed=3).next_rows(4)
+    other = train.PackedBatches(data_dir, {'qa': 1.0}, 'train', 255, seed=4).next_rows(4)
+    assert np.array_equal(tokens, again[0]) and not np.array_equal(tokens, other[0])
+
+
+def test_mixture_draws_from_each_dataset_by_weight(data_dir):
+    batches = train.PackedBatches(data_dir, train.parse_mixture('bio:1,qa:3'), 'train', 255, seed=0)
+    shard_of = batches.order[:, 0]
+    assert abs((shard_of == 1).mean() - 0.75) < 0.02
+
+
+def test_training_drives_the_loss_down(data_dir, tmp_path):
+    result = train.train(config(data_dir, tmp_path, '--max_iters=40'))
+    rows = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
+    losses = [r['loss'] for r in rows if 'loss' in r]
+    assert losses[-1] < 0.7 * losses[0]
+    assert result['val_loss'] < 0.7 * np.log(260)
+    assert json.load(open(tmp_path / 'config.json'))['n_embd'] == 32
+
+
+def test_resumed_run_matches_uninterrupted_run_bitwise(data_dir, tmp_path):
+    schedule = ['--lr_decay_iters=8', '--warmup_iters=2']
+    train.train(config(data_dir, tmp_path / 'full', '--max_iters=8', *schedule))
+    train.train(config(data_dir, tmp_path / 'split', '--max_iters=3', *schedule))
+    train.train(config(data_dir, tmp_path / 'split', '--max_iters=8', '--init_from=resume', *schedule))
+    full, split = final_params(tmp_path / 'full'), final_params(tmp_path / 'split')
+    assert all(torch.equal(full[k], split[k]) for k in full)
+
+
+def test_resume_refuses_another_model_shape(data_dir, tmp_path):
+    train.train(config(data_dir, tmp_path, '--max_iters=1'))
+    with pytest.raises(train.DataError, match='n_embd: checkpoint 32, now 64'):
+        train.train(config(data_dir, tmp_path, '--max_iters=2', '--init_from=resume', '--n_embd=64'))
+    with pytest.raises(train.DataError, match='--init_from=resume'):
+        train.train(config(data_dir, tmp_path, '--max_iters=2'))  # would overwrite the checkpoint
+
+
+def test_ddp_matches_single_process(data_dir, tmp_path):
+    flags = [f'--data_dir={data_dir}', '--n_embd=32', '--n_head=2', '--batch_size=4', '--max_iters=4',
+             '--gradient_accumulation_steps=2', '--warmup_iters=1', '--device=cpu', '--threads=1',
+             '--eval_interval=1000', '--eval_iters=1']
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    ddp = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                          'train.py', f'--out_dir={tmp_path}/ddp', *flags],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    train.train(configurator.parse(train.DEFAULTS, [f'--out_dir={tmp_path}/single', *flags]))
+    a, b = final_params(tmp_path / 'ddp'), final_params(tmp_path / 'single')
+    for k in a:  # all-reduce sums gradients in another order than accumulation: a few ulps
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_missing_data_and_mismatched_shards_name_the_fix(tmp_path, data_dir):
+    with pytest.raises(train.DataError, match='python prepare_data.py --out_dir='):
+        train.train(config(tmp_path / 'nothing', tmp_path / 'out', '--max_iters=1'))
+    with pytest.raises(train.DataError, match='vocab of 260, the model has 300'):
+        train.open_shard(data_dir, 'qa_train', vocab_size=300)
+    with pytest.raises(train.DataError, match='raise block_size'):
+        train.PackedBatches(data_dir, {'qatool': 1.0}, 'train', 100, seed=0)
+
+
+def test_command_line_errors_are_one_clear_line(tmp_path):
+    r = subprocess.run([sys.executable, 'train.py', '--lerning_rate=1', f'--out_dir={tmp_path}'],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and r.stderr.startswith("error: unknown config key 'lerning_rate'")
+    assert 'learning_rate' in r.stderr and 'Traceback' not in r.stderr
+    r = subprocess.run([sys.executable, 'train.py', f'--data_dir={tmp_path}/none', f'--out_dir={tmp_path}'],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and 'prepare_data.py' in r.stderr and 'Traceback' not in r.stderr
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    cfg = configurator.parse(train.DEFAULTS, ['--warmup_iters=10', '--max_iters=110', '--min_lr=1e-4'])
+    lrs = [train.lr_at(s, cfg) for s in range(111)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[110] == pytest.approx(1e-4)
