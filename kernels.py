@@ -6,6 +6,7 @@ Each op has Liger-Kernel's four layers: a @triton.jit kernel (formula in its doc
 launcher (flatten to 2-D rows, make contiguous, pick BLOCK_SIZE and num_warps) -> a
 torch.autograd.Function (saves what backward needs) -> the plain function model.py calls.
 The PyTorch references live in model.py; tests/test_kernels.py checks each op against them.
+model.py uses every op here, add_rms_norm in Block between attention and the MLP.
 
 On CUDA tensors the kernels compile for the GPU. With TRITON_INTERPRET=1 in the environment when
 this module is imported, Triton runs them in numpy on the CPU instead (slow; for tests), and
@@ -17,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get('TRITON_INTERPRET') == '1'  # read at import: tests reload the module
+INTERPRET = os.environ.get('TRITON_INTERPRET') == '1'  # read at import (tests set it themselves)
 MAX_FUSED_SIZE = 65536         # longest row that RMSNorm holds in one block
 ELEMENTWISE_BLOCK_CAP = 4096   # SwiGLU: a longer row is split over several programs
 CE_BLOCK_CAP = 32768           # cross-entropy loops over the vocabulary in blocks of this size
@@ -344,7 +345,7 @@ def _linear_cross_entropy_fwd(h, weight, targets, loss_mask, chunk_size, need_gr
     h2 = h.reshape(-1, h.size(-1))                                 # (N, C)
     n_rows, V = h2.size(0), weight.size(0)
     y = targets.reshape(-1).contiguous()
-    keep = (loss_mask.reshape(-1).contiguous() if loss_mask is not None
+    keep = (loss_mask.reshape(-1).bool().contiguous() if loss_mask is not None
             else torch.ones(n_rows, dtype=torch.bool, device=h.device))
     n_keep = keep.sum()  # stays on the device: no host sync
     losses = torch.empty(n_rows, dtype=torch.float32, device=h.device)
@@ -385,7 +386,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 def linear_cross_entropy(h, weight, targets, loss_mask=None, chunk_size=None):
     """model.masked_cross_entropy's loss without its (N, vocab) logits.
 
-    h (B, T, C), weight (V, C), targets (B, T) int64, loss_mask (B, T) bool or None (all).
+    h (B, T, C) or packed (N, C), weight (V, C), targets and loss_mask (bool, None for all)
+    shaped as h without its last axis.
     Logits are made chunk_size tokens at a time (default: CE_CHUNK_ELEMENTS / V) and their
     gradient is folded into grad_h and grad_w during the forward, so the backward only scales.
     Targets of masked-out positions are never read. No position kept: loss 0 with zero
