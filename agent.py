@@ -13,7 +13,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -46,7 +46,6 @@ class Lane:
     tool_calls: int = 0
     tool_errors: int = 0
     finished: bool = False   # reached <|eod|> (else ran out of tokens)
-    answer: str = field(default='')
 
 
 def final_answer(text):

@@ -11,6 +11,7 @@ positions, so a dialog packed at offset 100 of a row computes exactly what it wo
 The PyTorch functions below are the reference; kernels.py holds fused Triton versions of the
 same math, used on CUDA when `kernels` is 'auto' or 'triton'. Both paths share every parameter.
 """
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -116,13 +117,17 @@ class DialogLayout:
             out = t.new_zeros(self.n_dialogs * self.max_len, t.size(1), t.size(2))
             out = out.index_copy(0, self.slot, t)
             return out.view(self.n_dialogs, self.max_len, t.size(1), t.size(2)).transpose(1, 2)
+        dtype, on_cpu = q.dtype, not q.is_cuda
+        if on_cpu:  # PyTorch's CPU attention is slow in bfloat16: attend in float32
+            q, k, v = q.float(), k.float(), v.float()
         q, k, v = grid(q), grid(k), grid(v)
         if k.size(1) != q.size(1):  # grouped-query attention: share each kv head
             k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
             v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (n_dialogs, nh, max_len, hd)
+        with torch.autocast('cpu', enabled=False) if on_cpu else contextlib.nullcontext():
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (n_dialogs, nh, max_len, hd)
         y = y.transpose(1, 2).reshape(self.n_dialogs * self.max_len, -1)
-        return y.index_select(0, self.slot)
+        return y.index_select(0, self.slot).to(dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,10 +201,11 @@ class CausalSelfAttention(nn.Module):
         q, k = self.rope(q, k, cos, sin)
         if cache is not None:  # write this step's keys/values, then attend over the whole cache
             index = write_pos[:, None, :, None].expand(B, self.n_kv_head, T, self.head_dim)
-            cache.k[layer].scatter_(2, index, k)
-            cache.v[layer].scatter_(2, index, v)
+            cache.k[layer].scatter_(2, index, k.to(cache.k[layer].dtype))
+            cache.v[layer].scatter_(2, index, v.to(cache.v[layer].dtype))
             context = attn_mask.size(-1)
             k, v = cache.k[layer][:, :, :context], cache.v[layer][:, :, :context]
+            q = q.to(k.dtype)  # under autocast the projections come out in bfloat16
         if self.n_kv_head != self.n_head:  # grouped-query attention: share each kv head
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)

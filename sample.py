@@ -26,6 +26,7 @@ DEFAULTS = dict(
     questions_file='',      # one question per line
     interactive=False,
     num_random=3,           # with no question: this many random questions from the database
+    population='',          # ... about 'train' or 'ood' people only ('' = anyone)
     max_new_tokens=160,
     temperature=0.0,
     top_k=0,
@@ -51,14 +52,18 @@ def format_dialog(text):
     return '\n'.join(lines)
 
 
-def random_questions(db_path, n, seed):
-    """n questions about random people of the database, with the truth for comparison."""
+def random_questions(db_path, n, seed, population=''):
+    """n questions about random people of the database (of one population, if given)."""
     db = sqlite3.connect(f'file:{db_path}?mode=ro', uri=True)
-    count = db.execute('SELECT count(*) FROM people').fetchone()[0]
+    query = 'SELECT p.* FROM people p' + (' JOIN population USING (name) WHERE split = ?' if population else '')
+    args = (population,) if population else ()
+    count = db.execute(f'SELECT count(*) FROM ({query})', args).fetchone()[0]
+    if not count:
+        raise ValueError(f"{db_path} has no {population or ''} people to ask about")
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        row = db.execute('SELECT * FROM people LIMIT 1 OFFSET ?', (rng.randrange(count),)).fetchone()
+        row = db.execute(f'{query} LIMIT 1 OFFSET ?', args + (rng.randrange(count),)).fetchone()
         attr = rng.randrange(len(ATTRIBUTES))
         out.append(question_answer(ATTRIBUTES[attr], row[0], row[1 + attr])[0])
     db.close()
@@ -87,7 +92,10 @@ def main(argv):
                 break
             print(format_dialog(bot.run([line.strip()], **sampling)[0].text) + '\n', flush=True)
         return
-    asked = asked or random_questions(db_path, cfg.num_random, cfg.seed)
+    try:
+        asked = asked or random_questions(db_path, cfg.num_random, cfg.seed, cfg.population)
+    except (sqlite3.Error, ValueError) as e:
+        raise SystemExit(f"error: {e}")
     for lane in bot.run(asked, **sampling):
         print(format_dialog(lane.text) + '\n')
 

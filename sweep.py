@@ -1,0 +1,282 @@
+"""
+A grid of training runs from a config file, run by a pool of worker processes; every finished run
+appends one row to DIR/results.csv, and running the sweep again runs only what is missing.
+
+    python sweep.py config/sweep_cpu.py --out_dir=sweeps/cpu          # run (or finish) the grid
+    python sweep.py config/sweep_cpu.py --emit_jobs=jobs.txt          # one command line per run
+    python sweep.py config/sweep_cpu.py --only=qa-N64-a1-w32-L2-H2-s0 # just that run, in-process
+    python plot.py --results=sweeps/cpu/results.csv --out_dir=sweeps/cpu
+
+The grid is every combination of the list-valued keys (n_people, dataset, n_embd, n_layer,
+n_head, seed, alpha). Every other train.py key may be set too, as one value shared by all runs.
+A run's seed seeds both its people and its model. Datasets are prepared once per (n_people,
+n_ood, alpha, seed) under DIR/data and shared by the qa and qatool runs that need them.
+"""
+import contextlib
+import csv
+import fcntl
+import io
+import itertools
+import json
+import multiprocessing as mp
+import os
+import shlex
+import shutil
+import sys
+import time
+import traceback
+
+import torch
+
+import configurator
+import prepare_data
+import train
+
+GRID = ('n_people', 'dataset', 'n_embd', 'n_layer', 'n_head', 'seed', 'alpha')
+SWEEP = dict(
+    out_dir='sweeps/default',  # results.csv, runs/RUN_ID/ (checkpoint, log), data/, sweep.json
+    # the grid: one run per combination
+    n_people=[16, 64],
+    dataset=['qa', 'qatool'],  # in-weight, in-tool
+    n_embd=[16, 32],
+    n_layer=[2],
+    n_head=[2],
+    seed=[0],
+    alpha=[1.0],
+    # per-run choices that depend on the grid point
+    n_ood=200,                 # never-trained people in every dataset (for recall_ood)
+    eval_questions=256,        # cap: a run evaluates min(4 * n_people, this) questions per split
+    iters_per_person=0.0,      # a run's step budget: min(max_iters, min_iters + this * n_people)
+    min_iters=0,
+    # running
+    workers=0,                 # processes; 0: one per GPU if CUDA, else one per CPU core
+    only='',                   # run just this RUN_ID in this process (for cluster arrays)
+    emit_jobs='',              # write the pending runs' command lines to this file, run nothing
+)
+# train.py keys set per run by the sweep, and settings that cannot change a run's result
+PER_RUN = ('out_dir', 'data_dir', 'dataset', 'n_embd', 'n_layer', 'n_head', 'seed', 'overwrite',
+           'init_from', 'max_iters', 'eval_questions')
+NOT_RESULTS = ('device', 'threads', 'compile', 'kernels', 'log_interval', 'ckpt_interval',
+               'workers', 'only', 'emit_jobs', 'out_dir') + GRID
+DEFAULTS = {**train.DEFAULTS, 'threads': 1, 'stop_metric': 'recall', 'stop_value': 0.95,
+            'eval_interval': 100, 'ckpt_interval': 10**9, **SWEEP}
+COLUMNS = ('run_id', 'n_people', 'n_facts', 'dataset', 'seed', 'n_embd', 'n_layer', 'n_head',
+           'alpha', 'num_params', 'steps', 'max_iters', 'best_loss', 'val_loss', 'recall',
+           'recall_ood', 'eval_questions', 'wall_s')
+FACTS_PER_PERSON = len(prepare_data.ATTRIBUTES)
+
+
+# ----------------------------------------------------------------------------------------------
+# The grid and the results file
+
+def run_id(run):
+    """A stable, readable name for a grid point: qatool-N64-a1-w32-L2-H2-s0."""
+    return (f"{run['dataset']}-N{run['n_people']}-a{run['alpha']:g}-w{run['n_embd']}"
+            f"-L{run['n_layer']}-H{run['n_head']}-s{run['seed']}")
+
+
+def expand(cfg):
+    """Every combination of the grid lists -> runs (dicts with an 'id'), without duplicates."""
+    runs = {}
+    for values in itertools.product(*(getattr(cfg, k) for k in GRID)):
+        run = dict(zip(GRID, values))
+        runs.setdefault(run_id(run), {'id': run_id(run), **run})
+    return list(runs.values())
+
+
+def max_iters_of(cfg, run):
+    """The step budget: larger datasets get more steps, up to max_iters."""
+    if not cfg.iters_per_person:
+        return cfg.max_iters
+    return min(cfg.max_iters, cfg.min_iters + round(cfg.iters_per_person * run['n_people']))
+
+
+def finished_ids(path):
+    """Run ids with a complete row in results.csv (a torn last line does not count)."""
+    if not os.path.exists(path):
+        return set()
+    with open(path, newline='') as f:
+        return {r['run_id'] for r in csv.DictReader(f) if r.get('wall_s') not in (None, '')}
+
+
+def append_row(path, row):
+    """One row per write, under an exclusive lock: safe for a pool or a Slurm array of writers.
+    The header is written by whoever finds the file empty."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, COLUMNS, extrasaction='ignore', lineterminator='\n')
+    with open(path, 'a+', newline='') as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+        end = f.seek(0, os.SEEK_END)
+        if end == 0:
+            writer.writeheader()
+        else:
+            f.seek(end - 1)
+            if f.read(1) != '\n':  # a writer died mid-line: start a fresh line
+                buf.write('\n')
+        writer.writerow(row)
+        f.write(buf.getvalue())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def check_settings(cfg):
+    """Rows of one results.csv must come from one set of training settings: refuse to mix."""
+    settings = {k: v for k, v in sorted(vars(cfg).items()) if k not in NOT_RESULTS}
+    path = os.path.join(cfg.out_dir, 'sweep.json')
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        diff = [f'{k}: {old.get(k)!r} -> {v!r}' for k, v in settings.items() if old.get(k) != v]
+        if diff:
+            raise SystemExit(f"error: {cfg.out_dir} holds runs made with other settings "
+                             f"({'; '.join(diff)}): use another --out_dir")
+    else:  # written whole, then renamed: tasks of an array may race here harmlessly
+        with open(f'{path}.tmp{os.getpid()}', 'w') as f:
+            json.dump(settings, f, indent=2)
+        os.replace(f.name, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# One run
+
+def ensure_data(cfg, n_people, alpha, seed):
+    """The dataset for these people, prepared once. Written to a private folder and renamed into
+    place, so concurrent workers never see half a dataset (same seed, same bytes: any one wins)."""
+    root = os.path.join(cfg.out_dir, 'data')
+    path = os.path.join(root, f'N{n_people}-ood{cfg.n_ood}-a{alpha:g}-s{seed}')
+    if os.path.isdir(path):
+        return path
+    tmp = f'{path}.tmp{os.getpid()}'
+    flags = [f'--out_dir={tmp}', f'--n_people={n_people}', f'--n_ood={cfg.n_ood}',
+             f'--alpha={alpha}', f'--seed={seed}', '--overwrite=True']
+    with contextlib.redirect_stdout(io.StringIO()):
+        prepare_data.prepare(configurator.parse(prepare_data.DEFAULTS, flags))
+    try:
+        os.rename(tmp, path)
+    except OSError:  # another worker renamed its copy first
+        shutil.rmtree(tmp)
+    return path
+
+
+def train_config(cfg, run, data_dir, device):
+    """train.py's config for one run: the sweep's shared settings plus the grid point."""
+    tcfg = configurator.parse(train.DEFAULTS, [])
+    vars(tcfg).update({k: getattr(cfg, k) for k in train.DEFAULTS if k not in PER_RUN})
+    vars(tcfg).update({k: run[k] for k in ('dataset', 'n_embd', 'n_layer', 'n_head', 'seed')})
+    vars(tcfg).update(out_dir=os.path.join(cfg.out_dir, 'runs', run['id']), data_dir=data_dir,
+                      overwrite=True, device=device, max_iters=max_iters_of(cfg, run),
+                      eval_questions=min(FACTS_PER_PERSON * run['n_people'], cfg.eval_questions))
+    return tcfg
+
+
+def train_run(run, cfg, device='cpu'):
+    """Prepare the data if needed, train from scratch, and return the run's results row."""
+    t0 = time.time()
+    data_dir = ensure_data(cfg, run['n_people'], run['alpha'], run['seed'])
+    tcfg = train_config(cfg, run, data_dir, device)
+    os.makedirs(tcfg.out_dir, exist_ok=True)
+    with open(os.path.join(tcfg.out_dir, 'log.txt'), 'w') as log, contextlib.redirect_stdout(log):
+        result = train.train(tcfg)
+    return {**{k: run[k] for k in GRID}, 'run_id': run['id'],
+            'n_facts': FACTS_PER_PERSON * run['n_people'], 'num_params': result['num_params'],
+            'steps': result['step'], 'max_iters': tcfg.max_iters,
+            'best_loss': round(result['best_val'], 5), 'val_loss': round(result['val_loss'], 5),
+            'recall': result.get('recall', ''), 'recall_ood': result.get('recall_ood', ''),
+            'eval_questions': tcfg.eval_questions, 'wall_s': round(time.time() - t0, 1)}
+
+
+# ----------------------------------------------------------------------------------------------
+# The pool: each worker takes a device once, then trains runs one after another
+
+_worker = {}
+
+
+def _init_worker(devices, run_fn, threads):
+    """devices: a queue of the pool's devices (one each), or the device itself."""
+    torch.set_num_threads(max(1, threads))
+    _worker.update(device=devices if isinstance(devices, str) else devices.get(), run_fn=run_fn)
+
+
+def _work(job):
+    run, cfg = job
+    try:
+        return run, _worker['run_fn'](run, cfg, _worker['device']), None
+    except Exception:
+        return run, None, traceback.format_exc()
+
+
+def pick_devices(cfg):
+    """-> (number of workers, device of each worker)."""
+    cuda = cfg.device.startswith('cuda') or (cfg.device == 'auto' and torch.cuda.is_available())
+    n_gpu = torch.cuda.device_count() if cuda else 0
+    workers = cfg.workers or n_gpu or os.cpu_count() or 1
+    return workers, [f'cuda:{i % n_gpu}' if n_gpu else 'cpu' for i in range(workers)]
+
+
+def emit_jobs(path, argv, runs):
+    """One shell line per run: `sed -n "${SLURM_ARRAY_TASK_ID}p" jobs.txt | bash` in an array."""
+    keep = [a for a in argv if not a.startswith(('--emit_jobs=', '--only=', '--workers='))]
+    base = ' '.join(shlex.quote(a) for a in ['python', 'sweep.py', *keep, '--workers=1'])
+    with open(path, 'w') as f:
+        f.writelines(f'{base} --only={run["id"]}\n' for run in runs)
+    print(f"wrote {len(runs)} job lines to {path}")
+
+
+def sweep(cfg, run_fn=train_run, argv=()):
+    """Run every grid point not yet in results.csv; returns the rows finished by this call."""
+    runs = expand(cfg)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    results = os.path.join(cfg.out_dir, 'results.csv')
+    done = finished_ids(results)
+    if cfg.only:
+        runs = [r for r in runs if r['id'] == cfg.only]
+        if not runs:
+            raise SystemExit(f"error: no run {cfg.only!r} in this grid; see --emit_jobs")
+    todo = [r for r in runs if r['id'] not in done]
+    # the biggest runs first: with runs of very different lengths that ends the sweep sooner
+    todo.sort(key=lambda r: (r['n_people'] * r['n_embd'] ** 2, r['id']), reverse=True)
+    if cfg.emit_jobs:
+        emit_jobs(cfg.emit_jobs, argv, todo)
+        return []
+    check_settings(cfg)
+    workers, devices = pick_devices(cfg)
+    workers = min(workers, len(todo)) or 1
+    print(f"{len(runs)} runs, {len(runs) - len(todo)} already in {results}, {len(todo)} to run "
+          f"on {workers} worker(s)", flush=True)
+    rows, failed, t0 = [], 0, time.time()
+    if workers == 1:  # in this process: no pickling, and easy to debug
+        _init_worker(devices[0], run_fn, cfg.threads)
+        finished = map(_work, ((r, cfg) for r in todo))
+    else:
+        ctx = mp.get_context('spawn')  # fresh interpreters: no forked torch or CUDA state
+        queue = ctx.Queue()
+        for device in devices[:workers]:
+            queue.put(device)
+        pool = ctx.Pool(workers, _init_worker, (queue, run_fn, cfg.threads))
+        finished = pool.imap_unordered(_work, [(r, cfg) for r in todo])
+    for i, (run, row, error) in enumerate(finished, 1):
+        if row is None:
+            failed += 1
+            print(f"FAILED {run['id']} (it stays missing; a rerun retries it):\n{error}", flush=True)
+        else:
+            append_row(results, row)
+            rows.append(row)
+        elapsed = time.time() - t0
+        status = (f"recall {row['recall']} ood {row['recall_ood']} params {row['num_params']} "
+                  f"steps {row['steps']} {row['wall_s']}s" if row else 'failed')
+        print(f"[{i}/{len(todo)} | {i / elapsed * 60:.2f} runs/min | eta "
+              f"{elapsed / i * (len(todo) - i) / 60:.1f} min] {run['id']}: {status}", flush=True)
+    if workers > 1:
+        pool.close()
+        pool.join()
+    print(f"done: {len(rows)} runs in {(time.time() - t0) / 60:.1f} min, {failed} failed; "
+          f"results in {results}")
+    return rows
+
+
+def main(argv):
+    sweep(configurator.main_parse(DEFAULTS, argv), argv=argv)
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

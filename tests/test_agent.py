@@ -1,0 +1,163 @@
+"""agent.py: tool interception driven by a scripted model, hostile SQL, and a real trained model."""
+import hashlib
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import agent
+import configurator
+import prepare_data
+import train
+from tokenizer import ByteTokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOK = ByteTokenizer()
+USER, ASSISTANT, DATABASE, EOD = TOK.special_ids
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp('data')
+    prepare_data.prepare(configurator.parse(prepare_data.DEFAULTS,
+                                            [f'--out_dir={out}', '--n_people=60', '--n_ood=20']))
+    return str(out)
+
+
+def people(data_dir):
+    return sqlite3.connect(os.path.join(data_dir, 'people.db')).execute(
+        'SELECT name, birth_date, current_address FROM people ORDER BY name').fetchall()
+
+
+class ScriptedModel:
+    """Stands in for GPT: each lane emits a fixed sequence of tokens, whatever it is fed.
+
+    It records every token fed to every lane, so a test sees exactly what the model was shown.
+    The cache holds each row's lane number, so it follows the agent's compaction of rows.
+    """
+
+    def __init__(self, scripts, block_size=256):
+        self.scripts = [TOK.encode(s) if isinstance(s, str) else s for s in scripts]
+        self.config = type('Config', (), {'block_size': block_size})
+        self.embed = torch.nn.Embedding(1, 1)
+        self.fed = [[] for _ in scripts]
+        self.emitted = [0] * len(scripts)
+
+    def new_cache(self, batch_size, max_len):
+        lanes = torch.arange(batch_size)
+        return type('Cache', (), {'k': [lanes], 'v': [lanes]})()
+
+    def extend(self, idx, cache, lengths, n_new):
+        logits = torch.zeros(len(idx), 260)
+        for row, lane in enumerate(cache.k[0].tolist()):
+            if n_new[row] == 0:
+                continue
+            assert len(self.fed[lane]) == lengths[row]  # the agent's count of cached tokens
+            self.fed[lane] += idx[row, :n_new[row]].tolist()
+            script = self.scripts[lane]
+            logits[row, script[min(self.emitted[lane], len(script) - 1)]] = 1.0
+            self.emitted[lane] += 1
+        return logits
+
+
+def run_scripted(data_dir, questions, scripts, **kw):
+    model = ScriptedModel(scripts)
+    bot = agent.Agent(model, TOK, agent.SqlTool(os.path.join(data_dir, 'people.db')))
+    return bot.run(questions, **kw), model
+
+
+def test_tool_answers_are_spliced_in_the_right_lane_at_the_right_place(data_dir):
+    (a, a_date, _), (b, _, b_city), (c, _, _) = people(data_dir)[:3]
+    q = lambda n: f"SELECT {n} FROM people WHERE name = '{{}}';"
+    scripts = [
+        # lane 0: one tool call, then answers
+        q('birth_date').format(a) + f'<|database|>{a} was born on {a_date}.<|eod|>',
+        # lane 1: thinks longer before its call, so it calls the tool at a later step
+        ' ' * 30 + q('current_address').format(b) + f'<|database|>{b} lives in {b_city}.<|eod|>',
+        # lane 2: answers at once, no tool
+        'I do not know.<|eod|>',
+        # lane 3: calls the tool twice, the first time with broken SQL
+        "SELEC birth_date FROM people;<|database|>" + q('birth_date').format(c) + '<|database|>done<|eod|>',
+    ]
+    lanes, model = run_scripted(data_dir, ['q0', 'q1', 'q2', 'q3'], scripts)
+    assert lanes[0].text == (f"<|user|>q0<|assistant|>{q('birth_date').format(a)}<|database|>{a_date}"
+                             f"<|assistant|>{a} was born on {a_date}.<|eod|>")
+    assert lanes[1].text.endswith(f"<|database|>{b_city}<|assistant|>{b} lives in {b_city}.<|eod|>")
+    assert lanes[2].text == '<|user|>q2<|assistant|>I do not know.<|eod|>' and lanes[2].tool_calls == 0
+    assert lanes[3].text.startswith('<|user|>q3<|assistant|>SELEC birth_date FROM people;<|database|>'
+                                    'error: near "SELEC": syntax error<|assistant|>SELECT')
+    assert (lanes[3].tool_calls, lanes[3].tool_errors) == (2, 1)
+    assert all(lane.finished for lane in lanes)
+    for lane, fed in zip(lanes, model.fed):  # the model was fed each dialog but its last token
+        assert TOK.decode(fed) == lane.text[:-len('<|eod|>')]
+    assert agent.final_answer(lanes[0].text) == f'{a} was born on {a_date}.'
+
+
+def test_lanes_that_never_finish_stop_at_max_new_tokens(data_dir):
+    lanes, _ = run_scripted(data_dir, ['a', 'b'], ['yes<|eod|>', 'na' * 100], max_new_tokens=20)
+    assert lanes[0].finished and lanes[0].text.endswith('yes<|eod|>')
+    assert not lanes[1].finished and lanes[1].text == '<|user|>b<|assistant|>' + ('na' * 10)
+
+
+HOSTILE = [
+    "DROP TABLE people;", "DELETE FROM people;", "INSERT INTO people VALUES ('a','b','c','d','e');",
+    "ATTACH DATABASE '/tmp/x.db' AS x;", "PRAGMA writable_schema=1;", "SELECT * FROM population;",
+    "SELECT 1; DROP TABLE people;", "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c) SELECT count(*) FROM c;",
+    "SELECT * FROM people;", "SELECT name FROM people WHERE name LIKE '%';",
+]
+
+
+def test_hostile_sql_becomes_an_error_turn_and_the_database_is_unchanged(data_dir):
+    db = os.path.join(data_dir, 'people.db')
+    before = hashlib.sha256(open(db, 'rb').read()).hexdigest()
+    scripts = [sql + '<|database|>ok<|eod|>' for sql in HOSTILE]
+    scripts.append(TOK.encode('SELECT ') + [0xff, 0xfe] + TOK.encode('<|database|>ok<|eod|>'))  # not UTF-8
+    lanes, _ = run_scripted(data_dir, ['q'] * len(scripts), scripts)
+    for lane in lanes:
+        db_turn = lane.text.split('<|database|>')[1].split('<|assistant|>')[0]
+        assert db_turn.startswith('error: '), (lane.text, db_turn)
+        assert lane.tool_errors == 1 and lane.finished
+    assert hashlib.sha256(open(db, 'rb').read()).hexdigest() == before
+
+
+def test_answers_are_scored_as_whole_values():
+    assert agent.is_correct('Ada was born on 1/7/1975.', '1/7/1975')
+    assert not agent.is_correct('Ada was born on 11/7/1975.', '1/7/1975')
+    assert not agent.is_correct('Ada lives in Parisville.', 'Paris')
+    assert agent.is_correct('Ada works as an engineer.', 'engineer')
+
+
+def test_sampling_is_seeded(data_dir, tmp_path):
+    torch.manual_seed(0)
+    from model import GPT, GPTConfig
+    model = GPT(GPTConfig(n_embd=16, n_head=2, block_size=64)).eval()
+    bot = agent.Agent(model, TOK)
+    run = lambda seed: [l.text for l in bot.run(['Hi?'] * 4, max_new_tokens=12, temperature=1.0, top_k=20, seed=seed)]
+    assert run(1) == run(1) and run(1) != run(2)
+    greedy = [l.text for l in bot.run(['Hi?'] * 2, max_new_tokens=12)]
+    assert greedy[0] == greedy[1]
+
+
+def test_a_trained_model_answers_by_querying_the_database(data_dir, tmp_path):
+    cfg = configurator.parse(train.DEFAULTS, [
+        f'--data_dir={data_dir}', f'--out_dir={tmp_path}', '--batch_size=16', '--max_iters=300',
+        '--learning_rate=3e-3', '--warmup_iters=20', '--eval_interval=1000', '--eval_iters=1',
+        '--log_interval=100', '--device=cpu', '--threads=2'])
+    train.train(cfg)
+    r = subprocess.run([sys.executable, 'agent.py', f'--out_dir={tmp_path}', '--split=train', '--n=40',
+                        '--show=1'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads(r.stdout.strip().splitlines()[-1])
+    assert metrics['n'] == 40 and metrics['tool_calls'] >= 36
+    assert metrics['accuracy'] >= 0.3  # chance is ~0: the answer must copy the database's value
+    assert '<|database|>' in r.stderr  # --show printed a full dialog with its tool turn
+
+
+def test_missing_checkpoint_is_one_clear_line(tmp_path):
+    r = subprocess.run([sys.executable, 'agent.py', f'--out_dir={tmp_path}'], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and r.stderr.startswith('error: no checkpoint at') and 'train.py' in r.stderr
