@@ -60,8 +60,9 @@ def is_correct(answer, expected):
 
 
 class Agent:
-    def __init__(self, model, tokenizer, sql_tool=None):
+    def __init__(self, model, tokenizer, sql_tool=None, cache_dtype=None):
         self.model, self.tok, self.tool = model, tokenizer, sql_tool
+        self.cache_dtype = cache_dtype  # None: the model's; bfloat16 halves decoding's memory traffic
         self.user, self.assistant, self.database, self.eod = tokenizer.special_ids
 
     def _tool_answer(self, turn_ids):
@@ -82,7 +83,7 @@ class Agent:
         tokens = torch.zeros(B, max_len, dtype=torch.long, device=device)  # every lane's dialog
         for b, p in enumerate(prompts):
             tokens[b, :len(p)] = torch.tensor(p)
-        cache = self.model.new_cache(B, max_len)
+        cache = self.model.new_cache(B, max_len, dtype=self.cache_dtype)
         logits = self.model.extend(tokens[:, :int(length.max())], cache, torch.zeros_like(length), length)
         cached = length.clone()                  # tokens of each lane already in the cache
         rows = torch.arange(B, device=device)    # the lane held in each cache row
@@ -170,11 +171,11 @@ def read_questions(data_dir, split, n):
     return questions
 
 
-def make_agent(model, tokenizer_meta, db_path, dataset):
+def make_agent(model, tokenizer_meta, db_path, dataset, dtype='float32'):
     """In-tool models get the SQL tool; in-weight ones answer from memory, with no tool turn."""
     tokenizer = tok.from_meta(tokenizer_meta)
     sql_tool = SqlTool(db_path) if 'qatool' in dataset else None
-    return Agent(model, tokenizer, sql_tool)
+    return Agent(model, tokenizer, sql_tool, cache_dtype=getattr(torch, dtype))
 
 
 def evaluate(agent, questions, batch_size=1024, **sampling):
@@ -211,7 +212,7 @@ def main(argv):
         model, ckpt = load_checkpoint(cfg.out_dir, device)
         data_dir = cfg.data_dir or ckpt['config']['data_dir']
         agent = make_agent(model, ckpt['tokenizer']['tokenizer'], cfg.db or os.path.join(data_dir, 'people.db'),
-                           ckpt['config']['dataset'])
+                           ckpt['config']['dataset'], cfg.dtype)
         questions = read_questions(data_dir, cfg.split, cfg.n)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")

@@ -92,12 +92,13 @@ class DialogLayout:
     """Where the real tokens of packed rows sit; computed once per forward from doc_ids (B, T).
 
     Training runs every layer on the N real tokens only, flattened to (N, C): padding costs
-    nothing. Attention alone needs dialogs side by side, so it scatters q, k, v into a
-    (n_dialogs, max_len) grid, one dialog per row, runs causal attention there, and gathers back.
-    Attention can then never cross dialogs, and needs no (T, T) mask.
+    nothing. Attention alone needs dialogs side by side, so it scatters q, k, v into grids with
+    one dialog per row, runs causal attention there, and gathers back: attention can never cross
+    dialogs, and needs no (T, T) mask. Dialogs are sorted by length into a few buckets, each grid
+    padded to its own longest dialog, so the grids hold little padding.
     """
 
-    def __init__(self, doc_ids):
+    def __init__(self, doc_ids, n_buckets=4):
         B, T = doc_ids.shape
         flat = doc_ids.reshape(-1)
         self.token_index = (flat >= 0).nonzero().squeeze(1)                      # (N,) into B*T
@@ -108,26 +109,52 @@ class DialogLayout:
         dialog = starts.cumsum(0) - 1                                              # (N,)
         first_token = starts.nonzero().squeeze(1)                                  # (n_dialogs,)
         self.pos = torch.arange(len(key), device=key.device) - first_token[dialog]  # (N,)
-        self.n_dialogs, self.max_len = len(first_token), int(self.pos.max()) + 1
-        self.slot = dialog * self.max_len + self.pos          # (N,) into n_dialogs * max_len
+        lengths = torch.bincount(dialog)                                           # (n_dialogs,)
+        order = lengths.argsort()                                                  # short first
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(len(order), device=order.device)
+        token_rank = rank[dialog]                                                  # (N,)
+        self.buckets = []  # (tokens in the bucket, their slot in its grid, dialogs, longest)
+        edges = torch.linspace(0, len(order), n_buckets + 1).long().unique().tolist()
+        for lo, hi in zip(edges, edges[1:]):
+            longest = int(lengths[order[hi - 1]])
+            tokens = ((token_rank >= lo) & (token_rank < hi)).nonzero().squeeze(1)
+            slot = (token_rank[tokens] - lo) * longest + self.pos[tokens]
+            self.buckets.append((tokens, slot, hi - lo, longest))
 
     def attend(self, q, k, v):
         """q (N, nh, hd), k and v (N, nkv, hd) -> causal attention within each dialog, (N, nh*hd)."""
-        def grid(t):  # (N, h, hd) -> (n_dialogs, h, max_len, hd), zeros after each dialog's end
-            out = t.new_zeros(self.n_dialogs * self.max_len, t.size(1), t.size(2))
-            out = out.index_copy(0, self.slot, t)
-            return out.view(self.n_dialogs, self.max_len, t.size(1), t.size(2)).transpose(1, 2)
         dtype, on_cpu = q.dtype, not q.is_cuda
         if on_cpu:  # PyTorch's CPU attention is slow in bfloat16: attend in float32
             q, k, v = q.float(), k.float(), v.float()
-        q, k, v = grid(q), grid(k), grid(v)
-        if k.size(1) != q.size(1):  # grouped-query attention: share each kv head
-            k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
-            v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
-        with torch.autocast('cpu', enabled=False) if on_cpu else contextlib.nullcontext():
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (n_dialogs, nh, max_len, hd)
-        y = y.transpose(1, 2).reshape(self.n_dialogs * self.max_len, -1)
-        return y.index_select(0, self.slot).to(dtype)
+        y = q.new_zeros(q.size(0), q.size(1) * q.size(2))
+        for tokens, slot, n_dialogs, longest in self.buckets:
+            def grid(t):  # (N, h, hd) -> (n_dialogs, h, longest, hd), zeros after each dialog's end
+                out = t.new_zeros(n_dialogs * longest, t.size(1), t.size(2))
+                out = out.index_copy(0, slot, t.index_select(0, tokens))
+                return out.view(n_dialogs, longest, t.size(1), t.size(2)).transpose(1, 2)
+            qb, kb, vb = grid(q), grid(k), grid(v)
+            if kb.size(1) != qb.size(1):  # grouped-query attention: share each kv head
+                kb = kb.repeat_interleave(qb.size(1) // kb.size(1), dim=1)
+                vb = vb.repeat_interleave(qb.size(1) // vb.size(1), dim=1)
+            with torch.autocast('cpu', enabled=False) if on_cpu else contextlib.nullcontext():
+                yb = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True)  # (n, nh, longest, hd)
+            yb = yb.transpose(1, 2).reshape(n_dialogs * longest, -1)
+            y = y.index_copy(0, tokens, yb.index_select(0, slot))
+        return y.to(dtype)
+
+
+def cached_attention(q, k, v, attn_mask):
+    """New tokens attending over the KV cache, attn_mask (B, 1, S, context) bool.
+
+    Decoding reads the whole cache every step, so its cost is memory traffic: a bfloat16 cache
+    halves it. PyTorch's CPU SDPA is slow in bfloat16; two matmuls and a float32 softmax are not.
+    """
+    if q.is_cuda or k.dtype != torch.bfloat16:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    scores = (q @ k.transpose(-1, -2)).float() * q.size(-1) ** -0.5        # (B, nh, S, context)
+    scores = scores.masked_fill(~attn_mask, float('-inf'))
+    return torch.softmax(scores, dim=-1).to(v.dtype) @ v
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,7 +239,7 @@ class CausalSelfAttention(nn.Module):
         if attn_mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+            y = cached_attention(q, k, v, attn_mask).to(x.dtype)  # the cache may be bfloat16
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
 
     def rope(self, q, k, cos, sin):

@@ -301,6 +301,8 @@ def prepare(cfg):
     atoms = load_atoms()
     people = make_people(atoms, cfg.n_people, cfg.n_ood, cfg.alpha, cfg.seed)
     tokenizer = make_tokenizer(cfg, atoms, people)
+    if os.path.exists(meta_path):  # until the new meta.json, the directory holds no valid dataset
+        os.remove(meta_path)
     write_database(os.path.join(cfg.out_dir, 'people.db'), atoms, people, cfg.chunk)
 
     special = np.array(tokenizer.special_ids)

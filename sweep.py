@@ -10,7 +10,8 @@ appends one row to DIR/results.csv, and running the sweep again runs only what i
 The grid is every combination of the list-valued keys (n_people, dataset, n_embd, n_layer,
 n_head, seed, alpha). Every other train.py key may be set too, as one value shared by all runs.
 A run's seed seeds both its people and its model. Datasets are prepared once per (n_people,
-n_ood, alpha, seed) under DIR/data and shared by the qa and qatool runs that need them.
+n_ood, alpha, seed) under DIR/data and shared by the qa and qatool runs that need them. A run
+interrupted midway starts over; only its final checkpoint is kept, in DIR/runs/RUN_ID.
 """
 import contextlib
 import csv
@@ -43,11 +44,14 @@ SWEEP = dict(
     n_head=[2],
     seed=[0],
     alpha=[1.0],
+    exclude=[],                # grid points to skip: [{'dataset': 'qa', 'n_people': 4096}, ...]
     # per-run choices that depend on the grid point
     n_ood=200,                 # never-trained people in every dataset (for recall_ood)
     eval_questions=256,        # cap: a run evaluates min(4 * n_people, this) questions per split
     iters_per_person=0.0,      # a run's step budget: min(max_iters, min_iters + this * n_people)
     min_iters=0,
+    # early stop per dataset: in-weight runs on their own people, in-tool runs on both populations
+    stop_metric={'qa': 'recall', 'qatool': 'recall_min'},
     # running
     workers=0,                 # processes; 0: one per GPU if CUDA, else one per CPU core
     only='',                   # run just this RUN_ID in this process (for cluster arrays)
@@ -55,11 +59,11 @@ SWEEP = dict(
 )
 # train.py keys set per run by the sweep, and settings that cannot change a run's result
 PER_RUN = ('out_dir', 'data_dir', 'dataset', 'n_embd', 'n_layer', 'n_head', 'seed', 'overwrite',
-           'init_from', 'max_iters', 'eval_questions')
+           'init_from', 'max_iters', 'eval_questions', 'stop_metric')
 NOT_RESULTS = ('device', 'threads', 'compile', 'kernels', 'log_interval', 'ckpt_interval',
-               'workers', 'only', 'emit_jobs', 'out_dir') + GRID
-DEFAULTS = {**train.DEFAULTS, 'threads': 1, 'stop_metric': 'recall', 'stop_value': 0.95,
-            'eval_interval': 100, 'ckpt_interval': 10**9, **SWEEP}
+               'workers', 'only', 'emit_jobs', 'out_dir', 'exclude') + GRID
+DEFAULTS = {**train.DEFAULTS, 'threads': 1, 'stop_value': 0.95, 'eval_interval': 200,
+            'ckpt_interval': 10**9, **SWEEP}
 COLUMNS = ('run_id', 'n_people', 'n_facts', 'dataset', 'seed', 'n_embd', 'n_layer', 'n_head',
            'alpha', 'num_params', 'steps', 'max_iters', 'best_loss', 'val_loss', 'recall',
            'recall_ood', 'eval_questions', 'wall_s')
@@ -76,11 +80,15 @@ def run_id(run):
 
 
 def expand(cfg):
-    """Every combination of the grid lists -> runs (dicts with an 'id'), without duplicates."""
+    """Every combination of the grid lists, less the excluded ones -> runs (dicts with an 'id')."""
+    for rule in cfg.exclude:
+        if not isinstance(rule, dict) or set(rule) - set(GRID):
+            raise SystemExit(f"error: exclude rule {rule!r}: a dict of grid keys {GRID}")
     runs = {}
     for values in itertools.product(*(getattr(cfg, k) for k in GRID)):
         run = dict(zip(GRID, values))
-        runs.setdefault(run_id(run), {'id': run_id(run), **run})
+        if not any(all(run[k] == v for k, v in rule.items()) for rule in cfg.exclude):
+            runs.setdefault(run_id(run), {'id': run_id(run), **run})
     return list(runs.values())
 
 
@@ -165,6 +173,7 @@ def train_config(cfg, run, data_dir, device):
     vars(tcfg).update({k: run[k] for k in ('dataset', 'n_embd', 'n_layer', 'n_head', 'seed')})
     vars(tcfg).update(out_dir=os.path.join(cfg.out_dir, 'runs', run['id']), data_dir=data_dir,
                       overwrite=True, device=device, max_iters=max_iters_of(cfg, run),
+                      stop_metric=cfg.stop_metric.get(run['dataset'], 'recall'),
                       eval_questions=min(FACTS_PER_PERSON * run['n_people'], cfg.eval_questions))
     return tcfg
 
@@ -243,7 +252,7 @@ def sweep(cfg, run_fn=train_run, argv=()):
     workers = min(workers, len(todo)) or 1
     print(f"{len(runs)} runs, {len(runs) - len(todo)} already in {results}, {len(todo)} to run "
           f"on {workers} worker(s)", flush=True)
-    rows, failed, t0 = [], 0, time.time()
+    rows, failed, t0, pool = [], 0, time.time(), None
     if workers == 1:  # in this process: no pickling, and easy to debug
         _init_worker(devices[0], run_fn, cfg.threads)
         finished = map(_work, ((r, cfg) for r in todo))
@@ -254,21 +263,22 @@ def sweep(cfg, run_fn=train_run, argv=()):
             queue.put(device)
         pool = ctx.Pool(workers, _init_worker, (queue, run_fn, cfg.threads))
         finished = pool.imap_unordered(_work, [(r, cfg) for r in todo])
-    for i, (run, row, error) in enumerate(finished, 1):
-        if row is None:
-            failed += 1
-            print(f"FAILED {run['id']} (it stays missing; a rerun retries it):\n{error}", flush=True)
-        else:
-            append_row(results, row)
-            rows.append(row)
-        elapsed = time.time() - t0
-        status = (f"recall {row['recall']} ood {row['recall_ood']} params {row['num_params']} "
-                  f"steps {row['steps']} {row['wall_s']}s" if row else 'failed')
-        print(f"[{i}/{len(todo)} | {i / elapsed * 60:.2f} runs/min | eta "
-              f"{elapsed / i * (len(todo) - i) / 60:.1f} min] {run['id']}: {status}", flush=True)
-    if workers > 1:
-        pool.close()
-        pool.join()
+    try:
+        for i, (run, row, error) in enumerate(finished, 1):
+            if row is None:
+                failed += 1
+                print(f"FAILED {run['id']} (left missing: a rerun retries it)\n{error}", flush=True)
+            else:
+                append_row(results, row)
+                rows.append(row)
+            elapsed = max(time.time() - t0, 1e-6)
+            status = (f"recall {row['recall']} ood {row['recall_ood']} params {row['num_params']} "
+                      f"steps {row['steps']} {row['wall_s']}s" if row else 'failed')
+            print(f"[{i}/{len(todo)} | {i / elapsed * 60:.2f} runs/min | eta "
+                  f"{elapsed / i * (len(todo) - i) / 60:.1f} min] {run['id']}: {status}", flush=True)
+    finally:  # every task done, or interrupted: stop the workers either way
+        if pool:
+            pool.terminate()
     print(f"done: {len(rows)} runs in {(time.time() - t0) / 60:.1f} min, {failed} failed; "
           f"results in {results}")
     return rows

@@ -356,7 +356,7 @@ def train(cfg):
                 (loss / local_micro).backward()
             loss_sum += loss.item() / local_micro
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float('inf'))
-        if not math.isfinite(loss_sum):
+        if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):  # grads agree on all ranks
             raise FloatingPointError(f"loss is {loss_sum} at step {step}: stopped; the last good "
                                      f"checkpoint is kept in {cfg.out_dir}. Try a lower learning_rate")
         optimizer.step()

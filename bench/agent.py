@@ -37,7 +37,7 @@ def main(argv):
         raise SystemExit(f"error: {e} (bash quickstart.sh trains out/quick)")
     data_dir = ckpt['config']['data_dir']
     bot = agent.make_agent(model, ckpt['tokenizer']['tokenizer'], os.path.join(data_dir, 'people.db'),
-                           ckpt['config']['dataset'])
+                           ckpt['config']['dataset'], cfg.dtype)
     autocast = torch.autocast(device.split(':')[0], dtype=torch.bfloat16, enabled=cfg.dtype == 'bfloat16')
     for batch_size, n in zip(cfg.batch_sizes, cfg.questions_per_size):
         questions = agent.read_questions(data_dir, cfg.split, n)

@@ -47,7 +47,7 @@ class ScriptedModel:
         self.fed = [[] for _ in scripts]
         self.emitted = [0] * len(scripts)
 
-    def new_cache(self, batch_size, max_len):
+    def new_cache(self, batch_size, max_len, dtype=None):
         lanes = torch.arange(batch_size)
         return type('Cache', (), {'k': [lanes], 'v': [lanes]})()
 
@@ -144,8 +144,8 @@ def test_sampling_is_seeded(data_dir, tmp_path):
 
 def test_a_trained_model_answers_by_querying_the_database(data_dir, tmp_path):
     cfg = configurator.parse(train.DEFAULTS, [
-        f'--data_dir={data_dir}', f'--out_dir={tmp_path}', '--batch_size=16', '--max_iters=300',
-        '--learning_rate=3e-3', '--warmup_iters=20', '--eval_interval=1000', '--eval_iters=1',
+        f'--data_dir={data_dir}', f'--out_dir={tmp_path}', '--batch_size=32', '--max_iters=400',
+        '--learning_rate=3e-3', '--min_lr=3e-4', '--warmup_iters=20', '--eval_interval=1000', '--eval_iters=1',
         '--log_interval=100', '--device=cpu', '--threads=2'])
     train.train(cfg)
     r = subprocess.run([sys.executable, 'agent.py', f'--out_dir={tmp_path}', '--split=train', '--n=40',
@@ -153,7 +153,7 @@ def test_a_trained_model_answers_by_querying_the_database(data_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     metrics = json.loads(r.stdout.strip().splitlines()[-1])
     assert metrics['n'] == 40 and metrics['tool_calls'] >= 36
-    assert metrics['accuracy'] >= 0.3  # chance is ~0: the answer must copy the database's value
+    assert metrics['accuracy'] >= 0.4  # chance is ~0 (an exact date, city, ...); 0.75 measured
     assert '<|database|>' in r.stderr  # --show printed a full dialog with its tool turn
 
 

@@ -116,3 +116,17 @@ def test_flops_and_mfu():
     model = tiny()
     assert model.flops_per_token(48) > 6 * (model.num_params() - 50 * 32)
     assert model.estimate_mfu(1000.0, 48, 1e12) == pytest.approx(model.flops_per_token(48) * 1000 / 1e12)
+
+
+def test_bfloat16_kv_cache_stays_close_to_float32():
+    model = tiny().eval()
+    idx = torch.randint(0, 50, (2, 30))
+    full, _ = model(idx)
+    cache = model.new_cache(2, 48, dtype=torch.bfloat16)
+    length = torch.tensor([10, 20])
+    model.extend(idx[:, :20], cache, torch.zeros(2, dtype=torch.long), length)
+    for _ in range(8):
+        logits = model.extend(idx.gather(1, length[:, None]), cache, length, torch.ones(2, dtype=torch.long))
+        length = length + 1
+        for b in range(2):  # keys and values rounded to bfloat16's 8 bits: ~1e-2 relative
+            torch.testing.assert_close(logits[b], full[b, length[b] - 1], rtol=2e-2, atol=2e-2)

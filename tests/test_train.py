@@ -121,3 +121,18 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     lrs = [train.lr_at(s, cfg) for s in range(111)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[110] == pytest.approx(1e-4)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+    forward, calls = train.GPT.forward, []
+
+    def nan_after_five(self, *args, **kwargs):
+        logits, loss = forward(self, *args, **kwargs)
+        calls.append(1)
+        return logits, loss * float('nan') if len(calls) > 5 and self.training else loss
+
+    monkeypatch.setattr(train.GPT, 'forward', nan_after_five)
+    with pytest.raises(FloatingPointError, match='last good checkpoint'):
+        train.train(config(data_dir, tmp_path, '--max_iters=10', '--ckpt_interval=4'))
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=False)
+    assert ckpt['step'] == 4 and all(torch.isfinite(p).all() for p in ckpt['model'].values())
