@@ -62,7 +62,7 @@ def is_correct(answer, expected):
 class Agent:
     def __init__(self, model, tokenizer, sql_tool=None, cache_dtype=None):
         self.model, self.tok, self.tool = model, tokenizer, sql_tool
-        self.cache_dtype = cache_dtype  # None: the model's; bfloat16 halves decoding's memory traffic
+        self.cache_dtype = cache_dtype  # None: the model's (bfloat16 on GPU halves the cache)
         self.user, self.assistant, self.database, self.eod = tokenizer.special_ids
 
     def _tool_answer(self, turn_ids):
@@ -103,29 +103,41 @@ class Agent:
             finished[lane[new == self.eod]] = True
             stop = (new == self.eod) | (generated[lane] >= max_new_tokens) | (length[lane] >= max_len)
             calls = (new == self.database) & ~stop if self.tool else torch.zeros_like(stop)
-            for i in calls.nonzero().squeeze(1).tolist():  # a loop over tool calls, not tokens
-                b = int(lane[i])
-                answer, ok = self._tool_answer(tokens[b, turn_start[b]:length[b] - 1].tolist())
-                tool_calls[b] += 1
-                tool_errors[b] += not ok
-                if length[b] + len(answer) >= max_len:
-                    stop[i] = True  # no room left for the answer: the lane ends here
-                    continue
-                tokens[b, length[b]:length[b] + len(answer)] = torch.tensor(answer, device=device)
-                length[b] += len(answer)
-                turn_start[b] = length[b]
+            call_rows = calls.nonzero().squeeze(1)
+            if len(call_rows):  # a loop over tool calls, not tokens, on plain Python values
+                call_lanes = lane[call_rows]
+                dialogs = tokens[call_lanes].tolist()
+                starts, ends = turn_start[call_lanes].tolist(), length[call_lanes].tolist()
+                for i, b, dialog, start, end in zip(call_rows.tolist(), call_lanes.tolist(),
+                                                    dialogs, starts, ends):
+                    answer, ok = self._tool_answer(dialog[start:end - 1])  # the SQL, less <|database|>
+                    tool_calls[b] += 1
+                    tool_errors[b] += not ok
+                    if end + len(answer) >= max_len:
+                        stop[i] = True  # no room left for the answer: the lane ends here
+                        continue
+                    tokens[b, end:end + len(answer)] = torch.tensor(answer, device=device)
+                    length[b] = turn_start[b] = end + len(answer)
             live[live_rows[stop]] = False
             if not live.any():
                 break
             if 4 * int((~live).sum()) > len(live):  # mostly finished rows: shrink the cache
                 cache.k, cache.v = [k[live] for k in cache.k], [v[live] for v in cache.v]
                 rows, live = rows[live], live[live]
-            # every cache row's new tokens: a live lane's sampled token (and tool answer), else none
-            n_new = torch.where(live, length[rows] - cached[rows], 0)
-            offsets = cached[rows, None] + torch.arange(int(n_new.max()), device=device)
-            step = tokens[rows[:, None], offsets.clamp(max=max_len - 1)]
+            # every live lane's sampled token in one step; dead rows add nothing
+            n_new = live.long()
+            step = tokens[rows, cached[rows].clamp(max=max_len - 1)][:, None]
             logits = self.model.extend(step, cache, cached[rows], n_new)
             cached[rows] += n_new
+            # then the tool answers, in a second step over just the lanes that got one
+            spliced = (live & (length[rows] > cached[rows])).nonzero().squeeze(1)
+            if len(spliced):
+                lane = rows[spliced]
+                n_new = length[lane] - cached[lane]
+                offsets = cached[lane, None] + torch.arange(int(n_new.max()), device=device)
+                step = tokens[lane[:, None], offsets.clamp(max=max_len - 1)]
+                logits[spliced] = self.model.extend(step, cache, cached[lane], n_new, rows=spliced)
+                cached[lane] += n_new
         return [Lane(text=self.tok.decode(tokens[b, :length[b]].tolist()), tool_calls=tool_calls[b],
                      tool_errors=tool_errors[b], finished=bool(finished[b])) for b in range(B)]
 

@@ -12,6 +12,7 @@ The PyTorch functions below are the reference; kernels.py holds fused Triton ver
 same math, used on CUDA when `kernels` is 'auto' or 'triton'. Both paths share every parameter.
 """
 import contextlib
+import copy
 import math
 import warnings
 from dataclasses import dataclass
@@ -144,19 +145,6 @@ class DialogLayout:
         return y.to(dtype)
 
 
-def cached_attention(q, k, v, attn_mask):
-    """New tokens attending over the KV cache, attn_mask (B, 1, S, context) bool.
-
-    Decoding reads the whole cache every step, so its cost is memory traffic: a bfloat16 cache
-    halves it. PyTorch's CPU SDPA is slow in bfloat16; two matmuls and a float32 softmax are not.
-    """
-    if q.is_cuda or k.dtype != torch.bfloat16:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-    scores = (q @ k.transpose(-1, -2)).float() * q.size(-1) ** -0.5        # (B, nh, S, context)
-    scores = scores.masked_fill(~attn_mask, float('-inf'))
-    return torch.softmax(scores, dim=-1).to(v.dtype) @ v
-
-
 # ----------------------------------------------------------------------------------------------
 # Modules
 
@@ -239,7 +227,7 @@ class CausalSelfAttention(nn.Module):
         if attn_mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            y = cached_attention(q, k, v, attn_mask).to(x.dtype)  # the cache may be bfloat16
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).to(x.dtype)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
 
     def rope(self, q, k, cos, sin):
@@ -353,14 +341,22 @@ class GPT(nn.Module):
                        device or p.device, dtype or p.dtype)
 
     @torch.no_grad()
-    def extend(self, idx, cache, lengths, n_new):
+    def extend(self, idx, cache, lengths, n_new, rows=None):
         """Append tokens to each lane and return the logits after each lane's last new token.
 
         idx (B, S): new tokens, lane b's first n_new[b] are real, the rest padding.
         lengths (B,): tokens already in lane b's cache. Prefill is lengths = 0, decoding S = 1,
-        splicing a tool's answer into some lanes is S = the longest answer.
+        splicing a tool's answer into a few lanes is S = the longest answer with rows = the
+        cache rows of those lanes (the others are not computed at all).
         Returns logits (B, vocab); the caller advances lengths by n_new.
         """
+        if rows is not None:  # work on a copy of these lanes' cache rows, then put it back
+            part = copy.copy(cache)
+            part.k, part.v = [k[rows] for k in cache.k], [v[rows] for v in cache.v]
+            logits = self.extend(idx, part, lengths, n_new)
+            for full, updated in zip(cache.k + cache.v, part.k + part.v):
+                full[rows] = updated
+            return logits
         B, S = idx.shape
         steps = torch.arange(S, device=idx.device)
         if int((lengths + n_new).max()) > cache.max_len:

@@ -36,7 +36,9 @@ def people(data_dir):
 class ScriptedModel:
     """Stands in for GPT: each lane emits a fixed sequence of tokens, whatever it is fed.
 
-    It records every token fed to every lane, so a test sees exactly what the model was shown.
+    It records every token fed to every lane, so a test sees exactly what the model was shown;
+    its next token is the script's next one after what the lane has generated so far (the
+    tokens fed after the prompt, less the tool answers spliced in after each <|database|>).
     The cache holds each row's lane number, so it follows the agent's compaction of rows.
     """
 
@@ -45,22 +47,32 @@ class ScriptedModel:
         self.config = type('Config', (), {'block_size': block_size})
         self.embed = torch.nn.Embedding(1, 1)
         self.fed = [[] for _ in scripts]
-        self.emitted = [0] * len(scripts)
 
     def new_cache(self, batch_size, max_len, dtype=None):
         lanes = torch.arange(batch_size)
         return type('Cache', (), {'k': [lanes], 'v': [lanes]})()
 
-    def extend(self, idx, cache, lengths, n_new):
+    def generated(self, lane):
+        fed = self.fed[lane]
+        count, in_tool_answer = 0, False
+        for t in fed[fed.index(ASSISTANT) + 1:]:
+            if in_tool_answer:
+                in_tool_answer = t != ASSISTANT
+                continue
+            count += 1
+            in_tool_answer = t == DATABASE
+        return count
+
+    def extend(self, idx, cache, lengths, n_new, rows=None):
+        lanes = cache.k[0] if rows is None else cache.k[0][rows]
         logits = torch.zeros(len(idx), 260)
-        for row, lane in enumerate(cache.k[0].tolist()):
+        for row, lane in enumerate(lanes.tolist()):
             if n_new[row] == 0:
                 continue
             assert len(self.fed[lane]) == lengths[row]  # the agent's count of cached tokens
             self.fed[lane] += idx[row, :n_new[row]].tolist()
             script = self.scripts[lane]
-            logits[row, script[min(self.emitted[lane], len(script) - 1)]] = 1.0
-            self.emitted[lane] += 1
+            logits[row, script[min(self.generated(lane), len(script) - 1)]] = 1.0
         return logits
 
 
