@@ -332,7 +332,6 @@ def train(cfg):
                             tokenizer=tokenizer_meta)
 
     local_micro = cfg.gradient_accumulation_steps // world
-    rows_per_step = cfg.batch_size * cfg.gradient_accumulation_steps
     peak = peak_flops(cfg, device)
     metrics_file = open(os.path.join(cfg.out_dir, 'metrics.jsonl'), 'a') if master else None
     metrics, t_last = {}, time.time()

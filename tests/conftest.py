@@ -2,4 +2,14 @@ import os
 import sys
 
 # the project's modules are flat scripts at the repo root
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def prepare_dataset(out_dir, n_people, n_ood, *flags):
+    """A real dataset written by prepare_data.py into out_dir; returns out_dir as a str."""
+    import configurator
+    import prepare_data
+    prepare_data.prepare(configurator.parse(prepare_data.DEFAULTS, [
+        f'--out_dir={out_dir}', f'--n_people={n_people}', f'--n_ood={n_ood}', *flags]))
+    return str(out_dir)

@@ -11,8 +11,8 @@ import torch
 
 import agent
 import configurator
-import prepare_data
 import train
+from conftest import prepare_dataset
 from tokenizer import ByteTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,10 +22,7 @@ USER, ASSISTANT, DATABASE, EOD = TOK.special_ids
 
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp('data')
-    prepare_data.prepare(configurator.parse(prepare_data.DEFAULTS,
-                                            [f'--out_dir={out}', '--n_people=60', '--n_ood=20']))
-    return str(out)
+    return prepare_dataset(tmp_path_factory.mktemp('data'), 60, 20)
 
 
 def people(data_dir):

@@ -9,18 +9,15 @@ import pytest
 import torch
 
 import configurator
-import prepare_data
 import train
+from conftest import prepare_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp('data')
-    prepare_data.prepare(configurator.parse(prepare_data.DEFAULTS,
-                                            [f'--out_dir={out}', '--n_people=40', '--n_ood=12']))
-    return str(out)
+    return prepare_dataset(tmp_path_factory.mktemp('data'), 40, 12)
 
 
 def config(data_dir, out_dir, *flags):
