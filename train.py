@@ -187,6 +187,25 @@ def save_checkpoint(path, **state):
     os.replace(path + '.tmp', path)  # a crash mid-write never leaves a checkpoint that loads
 
 
+CHECKPOINT_KEYS = ('model', 'optimizer', 'model_args', 'config', 'step', 'best_val', 'data_state',
+                   'rng_state', 'tokenizer')
+
+
+def load_checkpoint(path, device):
+    """A checkpoint written by save_checkpoint; DataError naming the file if it is not one."""
+    if not os.path.exists(path):
+        raise DataError(f"--init_from=resume but there is no {path}")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # truncated, corrupt, or not a torch file at all
+        raise DataError(f"{path} cannot be read ({type(e).__name__}: {e}); it is corrupt or not a "
+                        f"checkpoint: start again with --init_from=scratch --overwrite=True") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise DataError(f"{path} is not a nano-itl checkpoint (missing {', '.join(missing)})")
+    return ckpt
+
+
 def check_compatible(ckpt, model_args, tokenizer_meta, path):
     """Refuse a checkpoint for another model shape or tokenizer, saying what differs."""
     diffs = [f"{k}: checkpoint {ckpt['model_args'][k]!r}, now {v!r}"
@@ -297,9 +316,7 @@ def train(cfg):
     step, best_val = 0, float('inf')
     tokenizer_meta = {'tokenizer': meta['tokenizer'], 'special_tokens': meta['special_tokens']}
     if cfg.init_from == 'resume':
-        if not os.path.exists(ckpt_path):
-            raise DataError(f"--init_from=resume but there is no {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        ckpt = load_checkpoint(ckpt_path, device)
         check_compatible(ckpt, model_args, tokenizer_meta, ckpt_path)
         model.load_state_dict(ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])

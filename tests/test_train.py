@@ -133,3 +133,11 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, m
         train.train(config(data_dir, tmp_path, '--max_iters=10', '--ckpt_interval=4'))
     ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=False)
     assert ckpt['step'] == 4 and all(torch.isfinite(p).all() for p in ckpt['model'].values())
+
+
+def test_corrupt_checkpoint_is_named_and_refused(data_dir, tmp_path):
+    train.train(config(data_dir, tmp_path, '--max_iters=1'))
+    path = tmp_path / 'ckpt.pt'
+    path.write_bytes(path.read_bytes()[:1000])  # truncated, as by a full disk
+    with pytest.raises(train.DataError, match=f'{path} cannot be read'):
+        train.train(config(data_dir, tmp_path, '--max_iters=2', '--init_from=resume'))
