@@ -189,7 +189,7 @@ def train_run(run, cfg, device='cpu'):
     return {**{k: run[k] for k in GRID}, 'run_id': run['id'],
             'n_facts': FACTS_PER_PERSON * run['n_people'], 'num_params': result['num_params'],
             'steps': result['step'], 'max_iters': tcfg.max_iters,
-            'best_loss': round(result['best_val'], 5), 'val_loss': round(result['val_loss'], 5),
+            'best_loss': round(result['best_loss'], 5), 'val_loss': round(result['val_loss'], 5),
             'recall': result.get('recall', ''), 'recall_ood': result.get('recall_ood', ''),
             'eval_questions': tcfg.eval_questions, 'wall_s': round(time.time() - t0, 1)}
 

@@ -351,7 +351,7 @@ def train(cfg):
     local_micro = cfg.gradient_accumulation_steps // world
     peak = peak_flops(cfg, device)
     metrics_file = open(os.path.join(cfg.out_dir, 'metrics.jsonl'), 'a') if master else None
-    metrics, t_last = {}, time.time()
+    metrics, t_last, best_loss = {}, time.time(), float('inf')  # best training loss of this run
     while step < cfg.max_iters:
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
@@ -378,6 +378,7 @@ def train(cfg):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        best_loss = min(best_loss, loss_sum)
         dt = time.time() - t0
         if master and (step % cfg.log_interval == 0 or step == cfg.max_iters):
             tokens_per_s = n_tokens * world / dt
@@ -412,7 +413,8 @@ def train(cfg):
         metrics_file.close()
     if world > 1:
         dist.destroy_process_group()
-    return {'step': step, 'best_val': best_val, 'num_params': raw_model.num_params(), **metrics}
+    return {'step': step, 'best_loss': best_loss, 'best_val': best_val,
+            'num_params': raw_model.num_params(), **metrics}
 
 
 def main(argv):
