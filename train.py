@@ -412,6 +412,7 @@ def train(cfg):
     if metrics_file:
         metrics_file.close()
     if world > 1:
+        dist.barrier()  # every rank leaves together: gloo aborts if a peer tears down mid-call
         dist.destroy_process_group()
     return {'step': step, 'best_loss': best_loss, 'best_val': best_val,
             'num_params': raw_model.num_params(), **metrics}
