@@ -19,7 +19,7 @@ import torch
 
 import configurator
 import tokenizer as tok
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, pick_device
 from tool import SqlTool
 
 DEFAULTS = dict(
@@ -46,6 +46,7 @@ class Lane:
     tool_calls: int = 0
     tool_errors: int = 0
     finished: bool = False   # reached <|eod|> (else ran out of tokens)
+    generated: int = 0       # tokens the model wrote (the prompt and tool answers not counted)
 
 
 def final_answer(text):
@@ -139,7 +140,8 @@ class Agent:
                 logits[spliced] = self.model.extend(step, cache, cached[lane], n_new, rows=spliced)
                 cached[lane] += n_new
         return [Lane(text=self.tok.decode(tokens[b, :length[b]].tolist()), tool_calls=tool_calls[b],
-                     tool_errors=tool_errors[b], finished=bool(finished[b])) for b in range(B)]
+                     tool_errors=tool_errors[b], finished=bool(finished[b]), generated=int(generated[b]))
+                for b in range(B)]
 
     @staticmethod
     def _sample(logits, temperature, top_k, generator):
@@ -197,8 +199,7 @@ def evaluate(agent, questions, batch_size=1024, **sampling):
         lanes += agent.run([q['question'] for q in questions[i:i + batch_size]], **sampling)
     elapsed = time.time() - t0
     correct = [is_correct(final_answer(lane.text), q['answer']) for lane, q in zip(lanes, questions)]
-    prompt_tokens = sum(len(agent.tok.encode(f"<|user|>{q['question']}<|assistant|>")) for q in questions)
-    new_tokens = sum(len(agent.tok.encode(lane.text)) for lane in lanes) - prompt_tokens
+    new_tokens = sum(lane.generated for lane in lanes)
     metrics = {'accuracy': sum(correct) / max(1, len(correct)), 'n': len(questions),
                'prompts_per_s': round(len(questions) / elapsed, 1),
                'tokens_per_s': round(new_tokens / elapsed, 1),
@@ -219,7 +220,7 @@ def recall_metrics(model, data_dir, meta, dataset, n, device):
 
 def main(argv):
     cfg = configurator.main_parse(DEFAULTS, argv)
-    device = cfg.device if cfg.device != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
+    device = pick_device(cfg.device)
     try:
         model, ckpt = load_checkpoint(cfg.out_dir, device)
         data_dir = cfg.data_dir or ckpt['config']['data_dir']

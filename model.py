@@ -151,6 +151,11 @@ class DialogLayout:
 _warned = set()
 
 
+def pick_device(name):
+    """'auto' -> 'cuda' when a GPU is there, else 'cpu'; any other name as given."""
+    return name if name != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
+
+
 def use_triton(kernels, x):
     """Triton when asked for (or 'auto') and possible: a CUDA tensor and an importable triton."""
     if kernels == 'torch':

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 import configurator
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, pick_device
 from prepare_data import ShardError, read_shard
 
 DEFAULTS = dict(
@@ -233,7 +233,7 @@ def setup_device(cfg):
     """-> (device, autocast context, rank, world size); starts DDP when run by torchrun."""
     ddp = 'RANK' in os.environ
     rank, world = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if ddp else (0, 1)
-    device = cfg.device if cfg.device != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
+    device = pick_device(cfg.device)
     if ddp:
         if device.startswith('cuda'):
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"

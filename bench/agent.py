@@ -28,7 +28,7 @@ DEFAULTS = dict(
 
 def main(argv):
     cfg = configurator.main_parse(DEFAULTS, argv)
-    device = cfg.device if cfg.device != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
+    device = agent.pick_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:

@@ -97,6 +97,8 @@ def test_tool_answers_are_spliced_in_the_right_lane_at_the_right_place(data_dir)
                              f"<|assistant|>{a} was born on {a_date}.<|eod|>")
     assert lanes[1].text.endswith(f"<|database|>{b_city}<|assistant|>{b} lives in {b_city}.<|eod|>")
     assert lanes[2].text == '<|user|>q2<|assistant|>I do not know.<|eod|>' and lanes[2].tool_calls == 0
+    assert lanes[2].generated == len('I do not know.') + 1  # + <|eod|>; tool answers not counted
+    assert lanes[0].generated == len(TOK.encode(scripts[0]))
     assert lanes[3].text.startswith('<|user|>q3<|assistant|>SELEC birth_date FROM people;<|database|>'
                                     'error: near "SELEC": syntax error<|assistant|>SELECT')
     assert (lanes[3].tool_calls, lanes[3].tool_errors) == (2, 1)
