@@ -50,6 +50,8 @@ SWEEP = dict(
     eval_questions=256,        # cap: a run evaluates min(4 * n_people, this) questions per split
     iters_per_person=0.0,      # a run's step budget: min(max_iters, min_iters + this * n_people)
     min_iters=0,
+    lr_ref_width=0,            # >0: learning_rate and min_lr are for this width, scaled by
+                               # lr_ref_width / n_embd for the others (Adam's lr ~ 1 / width)
     # early stop per dataset: in-weight runs on their own people, in-tool runs on both populations
     stop_metric={'qa': 'recall', 'qatool': 'recall_min'},
     # running
@@ -175,6 +177,9 @@ def train_config(cfg, run, data_dir, device):
                       overwrite=True, device=device, max_iters=max_iters_of(cfg, run),
                       stop_metric=cfg.stop_metric.get(run['dataset'], 'recall'),
                       eval_questions=min(FACTS_PER_PERSON * run['n_people'], cfg.eval_questions))
+    if cfg.lr_ref_width:  # narrow models learn too slowly at a wide model's learning rate
+        scale = cfg.lr_ref_width / run['n_embd']
+        tcfg.learning_rate, tcfg.min_lr = cfg.learning_rate * scale, cfg.min_lr * scale
     return tcfg
 
 

@@ -56,6 +56,17 @@ def test_train_config_caps_questions_and_keeps_shared_settings(tmp_path):
     assert tcfg.out_dir == os.path.join(str(tmp_path), 'runs', run['id']) and tcfg.threads == 1
 
 
+def test_learning_rate_scales_inversely_with_width(tmp_path):
+    cfg = sweep_config(tmp_path, '--n_embd=[8, 64]', '--learning_rate=0.003', '--min_lr=0.0003',
+                       '--lr_ref_width=64')
+    by_width = {r['n_embd']: sweep.train_config(cfg, r, 'D', 'cpu') for r in sweep.expand(cfg)}
+    assert by_width[64].learning_rate == pytest.approx(0.003)
+    assert by_width[8].learning_rate == pytest.approx(0.024)
+    assert by_width[8].min_lr == pytest.approx(0.0024)
+    unscaled = sweep_config(tmp_path, '--n_embd=[8]', '--learning_rate=0.003')
+    assert sweep.train_config(unscaled, sweep.expand(unscaled)[0], 'D', 'cpu').learning_rate == 0.003
+
+
 def test_results_csv_has_one_header_and_survives_a_torn_line(tmp_path):
     path = tmp_path / 'results.csv'
     cfg = sweep_config(tmp_path)
