@@ -54,6 +54,7 @@ SWEEP = dict(
                                # lr_ref_width / n_embd for the others (Adam's lr ~ 1 / width)
     # early stop per dataset: in-weight runs on their own people, in-tool runs on both populations
     stop_metric={'qa': 'recall', 'qatool': 'recall_min'},
+    per_dataset={},            # settings for one dataset only: {'qatool': {'min_iters': 400}}
     # running
     workers=0,                 # processes; 0: one per GPU if CUDA, else one per CPU core
     only='',                   # run just this RUN_ID in this process (for cluster arrays)
@@ -94,11 +95,23 @@ def expand(cfg):
     return list(runs.values())
 
 
+def setting(cfg, run, key):
+    """A setting's value for this run: per_dataset's value for its dataset, else the shared one."""
+    overrides = cfg.per_dataset.get(run['dataset'], {})
+    unknown = set(overrides) - set(DEFAULTS) - set(GRID)
+    if unknown:
+        raise SystemExit(f"error: per_dataset[{run['dataset']!r}] has unknown keys {sorted(unknown)}; "
+                         f"valid: train.py's and sweep.py's settings")
+    return overrides.get(key, getattr(cfg, key))
+
+
 def max_iters_of(cfg, run):
     """The step budget: larger datasets get more steps, up to max_iters."""
-    if not cfg.iters_per_person:
-        return cfg.max_iters
-    return min(cfg.max_iters, cfg.min_iters + round(cfg.iters_per_person * run['n_people']))
+    max_iters, min_iters, per_person = (setting(cfg, run, k) for k in
+                                        ('max_iters', 'min_iters', 'iters_per_person'))
+    if not per_person:
+        return max_iters
+    return min(max_iters, min_iters + round(per_person * run['n_people']))
 
 
 def finished_ids(path):
@@ -171,15 +184,15 @@ def ensure_data(cfg, n_people, alpha, seed):
 def train_config(cfg, run, data_dir, device):
     """train.py's config for one run: the sweep's shared settings plus the grid point."""
     tcfg = configurator.parse(train.DEFAULTS, [])
-    vars(tcfg).update({k: getattr(cfg, k) for k in train.DEFAULTS if k not in PER_RUN})
+    vars(tcfg).update({k: setting(cfg, run, k) for k in train.DEFAULTS if k not in PER_RUN})
     vars(tcfg).update({k: run[k] for k in ('dataset', 'n_embd', 'n_layer', 'n_head', 'seed')})
     vars(tcfg).update(out_dir=os.path.join(cfg.out_dir, 'runs', run['id']), data_dir=data_dir,
                       overwrite=True, device=device, max_iters=max_iters_of(cfg, run),
                       stop_metric=cfg.stop_metric.get(run['dataset'], 'recall'),
                       eval_questions=min(FACTS_PER_PERSON * run['n_people'], cfg.eval_questions))
-    if cfg.lr_ref_width:  # narrow models learn too slowly at a wide model's learning rate
-        scale = cfg.lr_ref_width / run['n_embd']
-        tcfg.learning_rate, tcfg.min_lr = cfg.learning_rate * scale, cfg.min_lr * scale
+    if setting(cfg, run, 'lr_ref_width'):  # narrow models learn too slowly at a wide one's lr
+        scale = setting(cfg, run, 'lr_ref_width') / run['n_embd']
+        tcfg.learning_rate, tcfg.min_lr = tcfg.learning_rate * scale, tcfg.min_lr * scale
     return tcfg
 
 

@@ -45,7 +45,7 @@ def test_grid_is_the_product_of_the_lists_less_the_excluded(tmp_path):
 
 def test_step_budget_grows_with_people_up_to_max_iters(tmp_path):
     cfg = sweep_config(tmp_path, '--min_iters=100', '--iters_per_person=2.0', '--max_iters=500')
-    assert [sweep.max_iters_of(cfg, {'n_people': n}) for n in (4, 100, 1000)] == [108, 300, 500]
+    assert [sweep.max_iters_of(cfg, {'n_people': n, 'dataset': 'qa'}) for n in (4, 100, 1000)] == [108, 300, 500]
 
 
 def test_train_config_caps_questions_and_keeps_shared_settings(tmp_path):
@@ -65,6 +65,19 @@ def test_learning_rate_scales_inversely_with_width(tmp_path):
     assert by_width[8].min_lr == pytest.approx(0.0024)
     unscaled = sweep_config(tmp_path, '--n_embd=[8]', '--learning_rate=0.003')
     assert sweep.train_config(unscaled, sweep.expand(unscaled)[0], 'D', 'cpu').learning_rate == 0.003
+
+
+def test_per_dataset_settings_override_the_shared_ones(tmp_path):
+    cfg = sweep_config(tmp_path, '--n_people=[100]', "--dataset=['qa', 'qatool']", '--min_iters=500',
+                       '--iters_per_person=1.0', '--max_iters=3000', '--batch_size=64',
+                       "--per_dataset={'qatool': {'min_iters': 100, 'batch_size': 32}}")
+    runs = {r['dataset']: r for r in sweep.expand(cfg)}
+    assert sweep.max_iters_of(cfg, runs['qa']) == 600 and sweep.max_iters_of(cfg, runs['qatool']) == 200
+    assert sweep.train_config(cfg, runs['qa'], 'D', 'cpu').batch_size == 64
+    assert sweep.train_config(cfg, runs['qatool'], 'D', 'cpu').batch_size == 32
+    bad = sweep_config(tmp_path, "--per_dataset={'qa': {'batchsize': 32}}")
+    with pytest.raises(SystemExit, match="unknown keys \\['batchsize'\\]"):
+        sweep.max_iters_of(bad, sweep.expand(bad)[0])
 
 
 def test_results_csv_has_one_header_and_survives_a_torn_line(tmp_path):
