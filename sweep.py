@@ -8,7 +8,8 @@ appends one row to DIR/results.csv, and running the sweep again runs only what i
     python plot.py --results=sweeps/cpu/results.csv --out_dir=sweeps/cpu
 
 The grid is every combination of the list-valued keys (n_people, dataset, n_embd, n_layer,
-n_head, seed, alpha). Every other train.py key may be set too, as one value shared by all runs.
+n_head, seed, alpha). Every other train.py key may be set too, as one value shared by all runs,
+or for one dataset only through per_dataset (e.g. shorter budgets for the in-tool runs).
 A run's seed seeds both its people and its model. Datasets are prepared once per (n_people,
 n_ood, alpha, seed) under DIR/data and shared by the qa and qatool runs that need them. A run
 interrupted midway starts over; only its final checkpoint is kept, in DIR/runs/RUN_ID.
@@ -63,6 +64,9 @@ SWEEP = dict(
 # train.py keys set per run by the sweep, and settings that cannot change a run's result
 PER_RUN = ('out_dir', 'data_dir', 'dataset', 'n_embd', 'n_layer', 'n_head', 'seed', 'overwrite',
            'init_from', 'max_iters', 'eval_questions', 'stop_metric')
+# settings of the whole sweep, which per_dataset cannot change (data is shared by both datasets)
+SWEEP_WIDE = ('out_dir', 'data_dir', 'overwrite', 'init_from', 'stop_metric', 'per_dataset', 'exclude',
+              'n_ood', 'workers', 'threads', 'device', 'only', 'emit_jobs')
 NOT_RESULTS = ('device', 'threads', 'compile', 'kernels', 'log_interval', 'ckpt_interval',
                'workers', 'only', 'emit_jobs', 'out_dir', 'exclude') + GRID
 DEFAULTS = {**train.DEFAULTS, 'threads': 1, 'stop_value': 0.95, 'eval_interval': 200,
@@ -87,6 +91,7 @@ def expand(cfg):
     for rule in cfg.exclude:
         if not isinstance(rule, dict) or set(rule) - set(GRID):
             raise SystemExit(f"error: exclude rule {rule!r}: a dict of grid keys {GRID}")
+    check_per_dataset(cfg)
     runs = {}
     for values in itertools.product(*(getattr(cfg, k) for k in GRID)):
         run = dict(zip(GRID, values))
@@ -97,12 +102,19 @@ def expand(cfg):
 
 def setting(cfg, run, key):
     """A setting's value for this run: per_dataset's value for its dataset, else the shared one."""
-    overrides = cfg.per_dataset.get(run['dataset'], {})
-    unknown = set(overrides) - set(DEFAULTS) - set(GRID)
-    if unknown:
-        raise SystemExit(f"error: per_dataset[{run['dataset']!r}] has unknown keys {sorted(unknown)}; "
-                         f"valid: train.py's and sweep.py's settings")
-    return overrides.get(key, getattr(cfg, key))
+    return cfg.per_dataset.get(run['dataset'], {}).get(key, getattr(cfg, key))
+
+
+def check_per_dataset(cfg):
+    """per_dataset names datasets of the grid, and settings that exist (a typo is not ignored)."""
+    for dataset, overrides in cfg.per_dataset.items():
+        if dataset not in cfg.dataset or not isinstance(overrides, dict):
+            raise SystemExit(f"error: per_dataset[{dataset!r}]: keys are datasets of the grid "
+                             f"{cfg.dataset}, values dicts of settings")
+        unknown = set(overrides) - set(DEFAULTS) | set(overrides) & set(GRID + SWEEP_WIDE)
+        if unknown:
+            raise SystemExit(f"error: per_dataset[{dataset!r}] cannot set {sorted(unknown)}; it takes "
+                             f"train.py's and sweep.py's shared settings (max_iters, batch_size, ...)")
 
 
 def max_iters_of(cfg, run):
@@ -189,7 +201,8 @@ def train_config(cfg, run, data_dir, device):
     vars(tcfg).update(out_dir=os.path.join(cfg.out_dir, 'runs', run['id']), data_dir=data_dir,
                       overwrite=True, device=device, max_iters=max_iters_of(cfg, run),
                       stop_metric=cfg.stop_metric.get(run['dataset'], 'recall'),
-                      eval_questions=min(FACTS_PER_PERSON * run['n_people'], cfg.eval_questions))
+                      eval_questions=min(FACTS_PER_PERSON * run['n_people'],
+                                         setting(cfg, run, 'eval_questions')))
     if setting(cfg, run, 'lr_ref_width'):  # narrow models learn too slowly at a wide one's lr
         scale = setting(cfg, run, 'lr_ref_width') / run['n_embd']
         tcfg.learning_rate, tcfg.min_lr = tcfg.learning_rate * scale, tcfg.min_lr * scale

@@ -70,14 +70,17 @@ def test_learning_rate_scales_inversely_with_width(tmp_path):
 def test_per_dataset_settings_override_the_shared_ones(tmp_path):
     cfg = sweep_config(tmp_path, '--n_people=[100]', "--dataset=['qa', 'qatool']", '--min_iters=500',
                        '--iters_per_person=1.0', '--max_iters=3000', '--batch_size=64',
-                       "--per_dataset={'qatool': {'min_iters': 100, 'batch_size': 32}}")
+                       "--per_dataset={'qatool': {'min_iters': 100, 'batch_size': 32, 'max_iters': 150}}")
     runs = {r['dataset']: r for r in sweep.expand(cfg)}
-    assert sweep.max_iters_of(cfg, runs['qa']) == 600 and sweep.max_iters_of(cfg, runs['qatool']) == 200
+    assert sweep.max_iters_of(cfg, runs['qa']) == 600 and sweep.max_iters_of(cfg, runs['qatool']) == 150
     assert sweep.train_config(cfg, runs['qa'], 'D', 'cpu').batch_size == 64
     assert sweep.train_config(cfg, runs['qatool'], 'D', 'cpu').batch_size == 32
-    bad = sweep_config(tmp_path, "--per_dataset={'qa': {'batchsize': 32}}")
-    with pytest.raises(SystemExit, match="unknown keys \\['batchsize'\\]"):
-        sweep.max_iters_of(bad, sweep.expand(bad)[0])
+    for bad, match in [("{'qa': {'batchsize': 32}}", "cannot set \\['batchsize'\\]"),
+                       ("{'qa': {'n_embd': 32}}", "cannot set \\['n_embd'\\]"),
+                       ("{'qa': {'n_ood': 10}}", "cannot set \\['n_ood'\\]"),
+                       ("{'qatol': {'batch_size': 32}}", "keys are datasets of the grid")]:
+        with pytest.raises(SystemExit, match=match):
+            sweep.expand(sweep_config(tmp_path, f"--per_dataset={bad}"))
 
 
 def test_results_csv_has_one_header_and_survives_a_torn_line(tmp_path):
