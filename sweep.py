@@ -4,7 +4,7 @@ appends one row to DIR/results.csv, and running the sweep again runs only what i
 
     python sweep.py config/sweep_cpu.py --out_dir=sweeps/cpu          # run (or finish) the grid
     python sweep.py config/sweep_cpu.py --emit_jobs=jobs.txt          # one command line per run
-    python sweep.py config/sweep_cpu.py --only=qa-N64-a1-w32-L2-H2-s0 # just that run, in-process
+    python sweep.py config/sweep_cpu.py --only=qa-N32-a1-w32-L2-H2-s0 # just that run, in-process
     python plot.py --results=sweeps/cpu/results.csv --out_dir=sweeps/cpu
 
 The grid is every combination of the list-valued keys (n_people, dataset, n_embd, n_layer,
