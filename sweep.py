@@ -203,8 +203,9 @@ def train_config(cfg, run, data_dir, device):
                       stop_metric=cfg.stop_metric.get(run['dataset'], 'recall'),
                       eval_questions=min(FACTS_PER_PERSON * run['n_people'],
                                          setting(cfg, run, 'eval_questions')))
-    if setting(cfg, run, 'lr_ref_width'):  # narrow models learn too slowly at a wide one's lr
-        scale = setting(cfg, run, 'lr_ref_width') / run['n_embd']
+    ref_width = setting(cfg, run, 'lr_ref_width')
+    if ref_width:  # narrow models learn too slowly at a wide one's learning rate
+        scale = ref_width / run['n_embd']
         tcfg.learning_rate, tcfg.min_lr = tcfg.learning_rate * scale, tcfg.min_lr * scale
     return tcfg
 
