@@ -111,7 +111,7 @@ def check_per_dataset(cfg):
         if dataset not in cfg.dataset or not isinstance(overrides, dict):
             raise SystemExit(f"error: per_dataset[{dataset!r}]: keys are datasets of the grid "
                              f"{cfg.dataset}, values dicts of settings")
-        unknown = set(overrides) - set(DEFAULTS) | set(overrides) & set(GRID + SWEEP_WIDE)
+        unknown = (set(overrides) - set(DEFAULTS)) | (set(overrides) & set(GRID + SWEEP_WIDE))
         if unknown:
             raise SystemExit(f"error: per_dataset[{dataset!r}] cannot set {sorted(unknown)}; it takes "
                              f"train.py's and sweep.py's shared settings (max_iters, batch_size, ...)")
