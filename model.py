@@ -90,59 +90,65 @@ def masked_cross_entropy(h, weight, targets, loss_mask):
 
 
 class DialogLayout:
-    """Where the real tokens of packed rows sit; computed once per forward from doc_ids (B, T).
+    """Packed rows laid out for training, one dialog per grid row; computed once per forward.
 
-    Training runs every layer on the N real tokens only, flattened to (N, C): padding costs
-    nothing. Attention alone needs dialogs side by side, so it scatters q, k, v into grids with
-    one dialog per row, runs causal attention there, and gathers back: attention can never cross
-    dialogs, and needs no (T, T) mask. Dialogs are sorted by length into a few buckets, each grid
-    padded to its own longest dialog, so the grids hold little padding.
+    Dialogs are sorted by length and cut into a few buckets; each bucket is a (dialogs x longest)
+    grid, and the grids lie end to end as one (slots, C) tensor that every layer runs on. Attention
+    views each grid as (dialogs, heads, longest, hd) and is causal along its rows, so it never
+    crosses dialogs, needs no mask and no gather. The few padding slots after a dialog's end are
+    never attended to by its real tokens and carry no loss: they cost a little compute, nothing else.
     """
 
-    def __init__(self, doc_ids, n_buckets=4):
+    def __init__(self, doc_ids, n_buckets=8):
         B, T = doc_ids.shape
         flat = doc_ids.reshape(-1)
         self.token_index = (flat >= 0).nonzero().squeeze(1)                      # (N,) into B*T
-        row = self.token_index // T
-        key = flat[self.token_index] + row * T               # unique per (row, dialog)
+        key = flat[self.token_index] + self.token_index // T * T  # unique per (row, dialog)
         starts = torch.ones_like(key, dtype=torch.bool)
         starts[1:] = key[1:] != key[:-1]
         dialog = starts.cumsum(0) - 1                                              # (N,)
         first_token = starts.nonzero().squeeze(1)                                  # (n_dialogs,)
-        self.pos = torch.arange(len(key), device=key.device) - first_token[dialog]  # (N,)
+        pos = torch.arange(len(key), device=key.device) - first_token[dialog]      # (N,)
         lengths = torch.bincount(dialog)                                           # (n_dialogs,)
         order = lengths.argsort()                                                  # short first
-        rank = torch.empty_like(order)
-        rank[order] = torch.arange(len(order), device=order.device)
-        token_rank = rank[dialog]                                                  # (N,)
-        self.buckets = []  # (tokens in the bucket, their slot in its grid, dialogs, longest)
         edges = torch.linspace(0, len(order), n_buckets + 1).long().unique().tolist()
+        first_slot = torch.empty_like(lengths)  # where each dialog's row starts
+        self.grids, slot_pos = [], []           # (dialogs, longest) of each grid, in slot order
+        n_slots = 0
         for lo, hi in zip(edges, edges[1:]):
-            longest = int(lengths[order[hi - 1]])
-            tokens = ((token_rank >= lo) & (token_rank < hi)).nonzero().squeeze(1)
-            slot = (token_rank[tokens] - lo) * longest + self.pos[tokens]
-            self.buckets.append((tokens, slot, hi - lo, longest))
+            n, longest = hi - lo, int(lengths[order[hi - 1]])
+            first_slot[order[lo:hi]] = n_slots + longest * torch.arange(n, device=key.device)
+            slot_pos.append(torch.arange(longest, device=key.device).repeat(n))
+            self.grids.append((n, longest))
+            n_slots += n * longest
+        self.pos = torch.cat(slot_pos)                      # (S,) position of each slot in its dialog
+        self.token_slot = first_slot[dialog] + pos          # (N,) slot of each real token
+        self.real = torch.zeros(n_slots, dtype=torch.bool, device=key.device)
+        self.real[self.token_slot] = True
+        # the flat token in each slot; padding slots repeat token 0 (never attended, no loss)
+        self.slot_token = torch.zeros(n_slots, dtype=torch.long, device=key.device)
+        self.slot_token[self.token_slot] = self.token_index
+
+    def gather(self, t):
+        """(B, T, ...) -> (S, ...): the value at each slot."""
+        return t.reshape(-1, *t.shape[2:])[self.slot_token]
 
     def attend(self, q, k, v):
-        """q (N, nh, hd), k and v (N, nkv, hd) -> causal attention within each dialog, (N, nh*hd)."""
+        """q (S, nh, hd), k and v (S, nkv, hd) -> causal attention within each dialog, (S, nh*hd)."""
         dtype, on_cpu = q.dtype, not q.is_cuda
         if on_cpu:  # PyTorch's CPU attention is slow in bfloat16: attend in float32
             q, k, v = q.float(), k.float(), v.float()
-        y = q.new_zeros(q.size(0), q.size(1) * q.size(2))
-        for tokens, slot, n_dialogs, longest in self.buckets:
-            def grid(t):  # (N, h, hd) -> (n_dialogs, h, longest, hd), zeros after each dialog's end
-                out = t.new_zeros(n_dialogs * longest, t.size(1), t.size(2))
-                out = out.index_copy(0, slot, t.index_select(0, tokens))
-                return out.view(n_dialogs, longest, t.size(1), t.size(2)).transpose(1, 2)
-            qb, kb, vb = grid(q), grid(k), grid(v)
+        out, sizes = [], [n * longest for n, longest in self.grids]
+        # split, not slices: its backward is one cat, where each slice's would zero a full tensor
+        for (n, longest), qb, kb, vb in zip(self.grids, q.split(sizes), k.split(sizes), v.split(sizes)):
+            qb, kb, vb = (t.view(n, longest, t.size(1), t.size(2)).transpose(1, 2) for t in (qb, kb, vb))
             if kb.size(1) != qb.size(1):  # grouped-query attention: share each kv head
                 kb = kb.repeat_interleave(qb.size(1) // kb.size(1), dim=1)
                 vb = vb.repeat_interleave(qb.size(1) // vb.size(1), dim=1)
             with torch.autocast('cpu', enabled=False) if on_cpu else contextlib.nullcontext():
                 yb = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True)  # (n, nh, longest, hd)
-            yb = yb.transpose(1, 2).reshape(n_dialogs * longest, -1)
-            y = y.index_copy(0, tokens, yb.index_select(0, slot))
-        return y.to(dtype)
+            out.append(yb.transpose(1, 2).reshape(n * longest, -1))
+        return torch.cat(out).to(dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,12 +212,12 @@ class CausalSelfAttention(nn.Module):
         self.kernels = config.kernels
 
     def forward(self, x, cos, sin, attn_mask=None, layout=None, cache=None, layer=0, write_pos=None):
-        """x (B, T, C), or (N, C) with a DialogLayout for packed training rows."""
+        """x (B, T, C), or (S, C): the slots of a DialogLayout, for packed training rows."""
         if layout is not None:
-            N, C = x.shape
-            q = self.q_proj(x).view(N, self.n_head, self.head_dim)       # (N, nh, hd)
-            k = self.k_proj(x).view(N, self.n_kv_head, self.head_dim)    # (N, nkv, hd)
-            v = self.v_proj(x).view(N, self.n_kv_head, self.head_dim)
+            S, C = x.shape
+            q = self.q_proj(x).view(S, self.n_head, self.head_dim)       # (S, nh, hd)
+            k = self.k_proj(x).view(S, self.n_kv_head, self.head_dim)    # (S, nkv, hd)
+            v = self.v_proj(x).view(S, self.n_kv_head, self.head_dim)
             q, k = self.rope(q, k, cos, sin)
             return self.o_proj(layout.attend(q, k, v))
         B, T, C = x.shape
@@ -309,7 +315,7 @@ class GPT(nn.Module):
         then stays within dialogs and padding is skipped. Without targets: logits (B, T, vocab)
         (zeros at padding). With targets: the mean cross-entropy over positions where loss_mask
         is true (all real positions when None), and the logits of just those positions,
-        (N, vocab), or None when the fused kernel never materialises them.
+        (n, vocab) in no particular order, or None when the fused kernel never materialises them.
         """
         B, T = idx.shape
         if T > self.config.block_size:
@@ -319,19 +325,19 @@ class GPT(nn.Module):
             cos, sin = self.rope_cos[:T], self.rope_sin[:T]                       # (T, hd/2)
         else:
             layout = DialogLayout(doc_ids)
-            x = self.embed(idx.reshape(-1)[layout.token_index])                   # (N, C)
-            cos, sin = self.rope_cos[layout.pos][:, None], self.rope_sin[layout.pos][:, None]  # (N, 1, hd/2)
+            x = self.embed(layout.gather(idx))                                    # (S, C)
+            cos, sin = self.rope_cos[layout.pos][:, None], self.rope_sin[layout.pos][:, None]  # (S, 1, hd/2)
         for block in self.blocks:
             x = block(x, cos, sin, layout=layout)
         x = self.norm(x)
         if targets is None:
             if layout is None:
                 return self.lm_head(x), None
-            logits = self.lm_head(x)
+            logits = self.lm_head(x[layout.token_slot])
             return logits.new_zeros(B * T, logits.size(-1)).index_copy(0, layout.token_index, logits).view(B, T, -1), None
-        if layout is not None:  # targets and mask of the real tokens only
-            targets = targets.reshape(-1)[layout.token_index]
-            loss_mask = loss_mask.reshape(-1)[layout.token_index] if loss_mask is not None else None
+        if layout is not None:  # targets and mask at each slot; padding slots carry no loss
+            targets = layout.gather(targets)
+            loss_mask = layout.real if loss_mask is None else layout.gather(loss_mask) & layout.real
         if use_triton(self.config.kernels, x):
             return None, triton_kernels.linear_cross_entropy(x, self.lm_head.weight, targets, loss_mask)
         loss, logits = masked_cross_entropy(x, self.lm_head.weight, targets, loss_mask)
