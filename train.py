@@ -335,8 +335,8 @@ def train(cfg):
         with open(os.path.join(cfg.out_dir, 'config.json'), 'w') as f:
             json.dump(vars(cfg), f, indent=2)
     raw_model = model
-    if cfg.compile:
-        model = torch.compile(model)
+    if cfg.compile:  # dynamic: packed batches change shape every step, one graph serves them all
+        model = torch.compile(model, dynamic=True)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[int(device.split(':')[1])]
                                                            if device.startswith('cuda') else None)
