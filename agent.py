@@ -105,43 +105,61 @@ class Agent:
             stop = (new == self.eod) | (generated[lane] >= max_new_tokens) | (length[lane] >= max_len)
             calls = (new == self.database) & ~stop if self.tool else torch.zeros_like(stop)
             call_rows = calls.nonzero().squeeze(1)
-            if len(call_rows):  # a loop over tool calls, not tokens, on plain Python values
-                call_lanes = lane[call_rows]
-                dialogs = tokens[call_lanes].tolist()
-                starts, ends = turn_start[call_lanes].tolist(), length[call_lanes].tolist()
-                for i, b, dialog, start, end in zip(call_rows.tolist(), call_lanes.tolist(),
-                                                    dialogs, starts, ends):
-                    answer, ok = self._tool_answer(dialog[start:end - 1])  # the SQL, less <|database|>
-                    tool_calls[b] += 1
-                    tool_errors[b] += not ok
-                    if end + len(answer) >= max_len:
-                        stop[i] = True  # no room left for the answer: the lane ends here
-                        continue
-                    tokens[b, end:end + len(answer)] = torch.tensor(answer, device=device)
-                    length[b] = turn_start[b] = end + len(answer)
+            if len(call_rows):
+                stop[call_rows] = self._call_tool(lane[call_rows], tokens, length, turn_start,
+                                                  tool_calls, tool_errors)
             live[live_rows[stop]] = False
             if not live.any():
                 break
             if 4 * int((~live).sum()) > len(live):  # mostly finished rows: shrink the cache
                 cache.k, cache.v = [k[live] for k in cache.k], [v[live] for v in cache.v]
                 rows, live = rows[live], live[live]
-            # every live lane's sampled token in one step; dead rows add nothing
-            n_new = live.long()
-            step = tokens[rows, cached[rows].clamp(max=max_len - 1)][:, None]
-            logits = self.model.extend(step, cache, cached[rows], n_new)
-            cached[rows] += n_new
-            # then the tool answers, in a second step over just the lanes that got one
-            spliced = (live & (length[rows] > cached[rows])).nonzero().squeeze(1)
-            if len(spliced):
-                lane = rows[spliced]
-                n_new = length[lane] - cached[lane]
-                offsets = cached[lane, None] + torch.arange(int(n_new.max()), device=device)
-                step = tokens[lane[:, None], offsets.clamp(max=max_len - 1)]
-                logits[spliced] = self.model.extend(step, cache, cached[lane], n_new, rows=spliced)
-                cached[lane] += n_new
+            logits = self._advance(tokens, length, cached, cache, rows, live)
         return [Lane(text=self.tok.decode(tokens[b, :length[b]].tolist()), tool_calls=tool_calls[b],
                      tool_errors=tool_errors[b], finished=bool(finished[b]), generated=int(generated[b]))
                 for b in range(B)]
+
+    def _call_tool(self, lanes, tokens, length, turn_start, tool_calls, tool_errors):
+        """Run the SQL each lane just wrote and write the database's answer after it, in place.
+
+        A loop over tool calls, not tokens, on plain Python values. -> bool per lane: no room
+        was left for the answer, so the lane ends there.
+        """
+        max_len = tokens.size(1)
+        no_room = torch.zeros(len(lanes), dtype=torch.bool, device=lanes.device)
+        dialogs = tokens[lanes].tolist()
+        starts, ends = turn_start[lanes].tolist(), length[lanes].tolist()
+        for i, (b, dialog, start, end) in enumerate(zip(lanes.tolist(), dialogs, starts, ends)):
+            answer, ok = self._tool_answer(dialog[start:end - 1])  # the SQL, less <|database|>
+            tool_calls[b] += 1
+            tool_errors[b] += not ok
+            if end + len(answer) >= max_len:
+                no_room[i] = True
+                continue
+            tokens[b, end:end + len(answer)] = torch.tensor(answer, device=tokens.device)
+            length[b] = turn_start[b] = end + len(answer)
+        return no_room
+
+    def _advance(self, tokens, length, cached, cache, rows, live):
+        """Feed the cache what the lanes wrote since the last step -> next-token logits per row.
+
+        Every live lane's sampled token goes in one step (dead rows add nothing); then the tool
+        answers, in a second step over just the lanes that got one.
+        """
+        max_len = tokens.size(1)
+        n_new = live.long()
+        step = tokens[rows, cached[rows].clamp(max=max_len - 1)][:, None]
+        logits = self.model.extend(step, cache, cached[rows], n_new)
+        cached[rows] += n_new
+        spliced = (live & (length[rows] > cached[rows])).nonzero().squeeze(1)
+        if len(spliced):
+            lane = rows[spliced]
+            n_new = length[lane] - cached[lane]
+            offsets = cached[lane, None] + torch.arange(int(n_new.max()), device=tokens.device)
+            step = tokens[lane[:, None], offsets.clamp(max=max_len - 1)]
+            logits[spliced] = self.model.extend(step, cache, cached[lane], n_new, rows=spliced)
+            cached[lane] += n_new
+        return logits
 
     @staticmethod
     def _sample(logits, temperature, top_k, generator):

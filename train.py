@@ -300,6 +300,30 @@ def reached(metrics, cfg):
     return value <= cfg.stop_value if 'loss' in cfg.stop_metric else value >= cfg.stop_value
 
 
+def accumulate_gradients(model, batches, cfg, device, autocast, rank, world):
+    """Forward and backward over gradient_accumulation_steps micro-batches, shared among the ranks.
+
+    -> (mean loss, whole dialogs, real tokens) of this rank's micro-batches. DDP syncs gradients
+    on the last micro-batch only.
+    """
+    local_micro = cfg.gradient_accumulation_steps // world
+    loss_sum, n_dialogs, n_tokens = 0.0, 0, 0
+    for micro in range(cfg.gradient_accumulation_steps):
+        rows = batches.next_rows(cfg.batch_size)  # every rank reads the whole stream,
+        if micro % world != rank:                 # and keeps its own micro-batches
+            continue
+        idx, targets, mask, doc_ids = to_batch(rows, device)
+        n_dialogs += int(rows[2].max(axis=1).sum()) + len(rows[2])  # ids are 0..k-1 per row
+        n_tokens += int((rows[2] >= 0).sum())  # real tokens: padding costs nothing
+        last = micro + world >= cfg.gradient_accumulation_steps
+        sync = model.no_sync() if world > 1 and not last else contextlib.nullcontext()
+        with sync, autocast:
+            _, loss = model(idx, targets, mask, doc_ids)
+            (loss / local_micro).backward()
+        loss_sum += loss.item() / local_micro
+    return loss_sum, n_dialogs, n_tokens
+
+
 def train(cfg):
     """Run training as cfg says; returns the last metrics (rank 0) for scripts and tests."""
     device, autocast, rank, world = setup_device(cfg)
@@ -348,7 +372,6 @@ def train(cfg):
                             data_state=train_batches.state(), rng_state=torch.get_rng_state(),
                             tokenizer=tokenizer_meta)
 
-    local_micro = cfg.gradient_accumulation_steps // world
     peak = peak_flops(cfg, device)
     metrics_file = open(os.path.join(cfg.out_dir, 'metrics.jsonl'), 'a') if master else None
     metrics, t_last, best_loss = {}, time.time(), float('inf')  # best training loss of this run
@@ -357,20 +380,8 @@ def train(cfg):
         for group in optimizer.param_groups:
             group['lr'] = lr
         t0 = time.time()
-        loss_sum, n_dialogs, n_tokens = 0.0, 0, 0
-        for micro in range(cfg.gradient_accumulation_steps):
-            rows = train_batches.next_rows(cfg.batch_size)  # every rank reads the whole stream,
-            if micro % world != rank:                       # and keeps its own micro-batches
-                continue
-            idx, targets, mask, doc_ids = to_batch(rows, device)
-            n_dialogs += int(rows[2].max(axis=1).sum()) + len(rows[2])  # ids are 0..k-1 per row
-            n_tokens += int((rows[2] >= 0).sum())  # real tokens: padding costs nothing
-            last = micro + world >= cfg.gradient_accumulation_steps
-            sync = model.no_sync() if world > 1 and not last else contextlib.nullcontext()
-            with sync, autocast:
-                _, loss = model(idx, targets, mask, doc_ids)
-                (loss / local_micro).backward()
-            loss_sum += loss.item() / local_micro
+        loss_sum, n_dialogs, n_tokens = accumulate_gradients(model, train_batches, cfg, device,
+                                                             autocast, rank, world)
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float('inf'))
         if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):  # grads agree on all ranks
             raise FloatingPointError(f"loss is {loss_sum} at step {step}: stopped; the last good "
