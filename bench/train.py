@@ -123,7 +123,8 @@ def main(argv):
         else:  # the process's peak resident memory so far (both methods, on CPU)
             result['peak_rss_gb'] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3)
         print(json.dumps({'method': name, 'device': device, 'dtype': cfg.dtype,
-                          'threads': torch.get_num_threads(), 'dataset': cfg.dataset,
+                          'threads': torch.get_num_threads(),
+                          'dataset': f'synthetic:{cfg.synthetic_vocab}' if cfg.synthetic_vocab else cfg.dataset,
                           'batch_size': cfg.batch_size, 'block_size': cfg.block_size,
                           'n_layer': cfg.n_layer, 'n_head': cfg.n_head, 'n_embd': cfg.n_embd,
                           'num_params': model.num_params(), 'kernels': cfg.kernels,
