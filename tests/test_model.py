@@ -71,6 +71,26 @@ def test_packed_dialogs_compute_what_they_compute_alone():
             start += n
 
 
+@pytest.mark.parametrize('n_buckets', [1, 3, 50])
+def test_loss_and_gradients_do_not_depend_on_the_bucketing(monkeypatch, n_buckets):
+    """Padding slots inside the grids carry no loss and are never attended to by real tokens."""
+    import model as model_module
+    lengths = [[5, 11, 3], [19], [8, 8], [2, 2, 2, 2, 2]]
+    idx, doc = packed_rows(lengths, 20)
+    targets, mask = torch.randint(0, 50, (4, 20)), (torch.rand(4, 20) < 0.7) & (doc >= 0)
+    results = []
+    for n in (8, n_buckets):
+        monkeypatch.setattr(model_module.DialogLayout, 'n_buckets', n)
+        model = tiny()
+        _, loss = model(idx, targets, mask, doc)
+        loss.backward()
+        results.append((loss, [p.grad for p in model.parameters()]))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-6, atol=1e-6)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_changing_one_dialog_leaves_the_others_untouched():
     model = tiny()
     idx, doc = packed_rows([[6, 10, 4]], 20)
