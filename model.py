@@ -58,7 +58,7 @@ class GPTConfig:
 def rms_norm(x, weight, eps):
     """x / rms(x) * weight, computed in float32 and cast back (the numerical spec)."""
     xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+    return (xf * torch.rsqrt((xf * xf).mean(-1, keepdim=True) + eps)).type_as(x) * weight
 
 
 def rope_table(head_dim, length, theta, device=None):
