@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -268,6 +269,15 @@ def build(cfg, meta, device):
     return model, optimizer, asdict(gpt_config)
 
 
+def compiled(model, device):
+    """torch.compile with dynamic shapes: packed batches change shape every step, and one graph
+    serves them all. On CPU inductor writes C++, so a compiler must be there."""
+    if device == 'cpu' and not any(shutil.which(c) for c in (os.environ.get('CXX', 'g++'), 'g++', 'clang++')):
+        raise DataError("compile=True on CPU needs a C++ compiler (g++ or clang++, or $CXX): "
+                        "install one, or run with --compile=False")
+    return torch.compile(model, dynamic=True)
+
+
 @torch.no_grad()
 def validation_loss(model, batches, cfg, device, autocast):
     """Mean loss over eval_iters fixed batches (the same rows at every evaluation)."""
@@ -359,8 +369,8 @@ def train(cfg):
         with open(os.path.join(cfg.out_dir, 'config.json'), 'w') as f:
             json.dump(vars(cfg), f, indent=2)
     raw_model = model
-    if cfg.compile:  # dynamic: packed batches change shape every step, one graph serves them all
-        model = torch.compile(model, dynamic=True)
+    if cfg.compile:
+        model = compiled(model, device)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[int(device.split(':')[1])]
                                                            if device.startswith('cuda') else None)

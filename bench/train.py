@@ -81,7 +81,7 @@ def main(argv):
         batches = train.PackedBatches(cfg.data_dir, train.parse_mixture(cfg.dataset), 'train',
                                       cfg.block_size, cfg.seed, meta['vocab_size'])
     model, optimizer, _ = train.build(cfg, meta, device)
-    fwd = torch.compile(model, dynamic=True) if cfg.compile else model
+    fwd = train.compiled(model, device) if cfg.compile else model
     peak = train.peak_flops(cfg, device)
 
     def ours():

@@ -141,3 +141,31 @@ def test_corrupt_checkpoint_is_named_and_refused(data_dir, tmp_path):
     path.write_bytes(path.read_bytes()[:1000])  # truncated, as by a full disk
     with pytest.raises(train.DataError, match=f'{path} cannot be read'):
         train.train(config(data_dir, tmp_path, '--max_iters=2', '--init_from=resume'))
+
+
+def test_compile_on_cpu_without_a_compiler_says_what_to_install(monkeypatch):
+    monkeypatch.setattr(train.shutil, 'which', lambda name: None)
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(train.DataError, match='needs a C\\+\\+ compiler.*--compile=False'):
+        train.compiled(model, 'cpu')
+
+
+@pytest.mark.skipif(not any(train.shutil.which(c) for c in ('g++', 'clang++')), reason='no C++ compiler')
+def test_compiled_model_matches_eager_on_packed_batches_of_changing_shape(data_dir, tmp_path):
+    cfg = config(data_dir, tmp_path, '--n_layer=1')  # compiling takes most of this test: keep it small
+    meta = train.load_dataset_meta(data_dir)
+    model, _, _ = train.build(cfg, meta, 'cpu')
+    fast = train.compiled(model, 'cpu')
+    batches = train.PackedBatches(data_dir, {'qatool': 1.0}, 'train', cfg.block_size, 0, meta['vocab_size'])
+    for n_rows in (6, 3):  # two shapes, one graph
+        idx, targets, mask, doc_ids = train.to_batch(batches.next_rows(n_rows), 'cpu')
+        losses, grads = [], []
+        for m in (model, fast):
+            model.zero_grad()
+            _, loss = m(idx, targets, mask, doc_ids)
+            loss.backward()
+            losses.append(loss.item())
+            grads.append([p.grad.clone() for p in model.parameters()])
+        assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
