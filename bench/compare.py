@@ -53,30 +53,28 @@ def main(argv):
                  f"e.g. git show HEAD~1:model.py > /tmp/model_before.py")
     device, autocast, _, _ = train.setup_device(cfg)
     meta = train.load_dataset_meta(cfg.data_dir)
-    batches = train.PackedBatches(cfg.data_dir, train.parse_mixture(cfg.dataset), 'train',
-                                  cfg.block_size, cfg.seed, meta['vocab_size'])
     here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'model.py')
     versions = {'baseline': build(load_module(cfg.baseline, 'model_baseline'), cfg, meta, device),
                 'model.py': build(load_module(here, 'model_here'), cfg, meta, device)}
+    # one batch stream each, from the same seed: both versions train on the same batches
+    batches = {name: train.PackedBatches(cfg.data_dir, train.parse_mixture(cfg.dataset), 'train',
+                                         cfg.block_size, cfg.seed, meta['vocab_size'])
+               for name in versions}
 
-    def step(model, optimizer, rows):
-        idx, targets, mask, doc_ids = train.to_batch(rows, device)
+    def step(name):  # train.py's own step; its loss.item() waits for the GPU too
+        model, optimizer = versions[name]
         t0 = time.perf_counter()
-        with autocast:
-            _, loss = model(idx, targets, mask, doc_ids)
-        loss.backward()
+        loss, _, _ = train.accumulate_gradients(model, batches[name], cfg, device, autocast, 0, 1)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss = loss.item()  # waits for the GPU too
         return time.perf_counter() - t0, loss
 
     times, losses = {name: [] for name in versions}, {}
     for i in range(cfg.warmup + cfg.max_iters):
-        rows = batches.next_rows(cfg.batch_size)
         order = list(versions) if i % 2 else list(versions)[::-1]  # neither always goes first
         for name in order:
-            dt, losses[name] = step(*versions[name], rows)
+            dt, losses[name] = step(name)
             if i >= cfg.warmup:
                 times[name].append(dt)
     for name, ts in times.items():
