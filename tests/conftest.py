@@ -13,3 +13,8 @@ def prepare_dataset(out_dir, n_people, n_ood, *flags):
     prepare_data.prepare(configurator.parse(prepare_data.DEFAULTS, [
         f'--out_dir={out_dir}', f'--n_people={n_people}', f'--n_ood={n_ood}', *flags]))
     return str(out_dir)
+
+
+def pytest_configure(config):
+    # torch.compile's CPU backend calls a deprecated torch.jit API internally: not ours to fix
+    config.addinivalue_line('filterwarnings', 'ignore:`torch.jit.script_method` is deprecated:DeprecationWarning')
