@@ -14,9 +14,9 @@ import re
 import sqlite3
 import sys
 
-
 import agent
 import configurator
+from model import pick_device
 from prepare_data import ATTRIBUTES, question_answer
 
 DEFAULTS = dict(
@@ -72,7 +72,7 @@ def random_questions(db_path, n, seed, population=''):
 def main(argv):
     asked = [a.split('=', 1)[1] for a in argv if a.startswith('--question=')]
     cfg = configurator.main_parse(DEFAULTS, [a for a in argv if not a.startswith('--question=')])
-    device = agent.pick_device(cfg.device)
+    device = pick_device(cfg.device)
     try:
         model, ckpt = agent.load_checkpoint(cfg.out_dir, device)
         db_path = cfg.db or os.path.join(ckpt['config']['data_dir'], 'people.db')

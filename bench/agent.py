@@ -14,6 +14,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import agent  # noqa: E402
 import configurator  # noqa: E402
+from model import pick_device  # noqa: E402
 
 DEFAULTS = dict(
     out_dir='out/quick',
@@ -28,7 +29,7 @@ DEFAULTS = dict(
 
 def main(argv):
     cfg = configurator.main_parse(DEFAULTS, argv)
-    device = agent.pick_device(cfg.device)
+    device = pick_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
