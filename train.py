@@ -7,6 +7,7 @@ Train a GPT on the dialogs prepare_data.py wrote: one CPU, one GPU, or many with
 Rows are packed with whole dialogs and attention never crosses from one dialog to another.
 """
 import contextlib
+import ctypes
 import json
 import math
 import os
@@ -242,11 +243,28 @@ def setup_device(cfg):
         dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
     if device == 'cpu':
         torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get('LOCAL_WORLD_SIZE', 1))))
+        keep_freed_memory()
     dtype = cfg.dtype if cfg.dtype != 'auto' else ('bfloat16' if device.startswith('cuda') else 'float32')
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
     autocast = (torch.autocast(device_type, dtype=torch.bfloat16) if dtype == 'bfloat16'
                 else contextlib.nullcontext())
     return device, autocast, rank, world
+
+
+def keep_freed_memory():
+    """Make glibc keep freed blocks of up to 32 MB for reuse instead of unmapping them.
+
+    A CPU step frees and reallocates the same ~20 MB activations; by default glibc hands many back
+    to the OS and the next step page-faults them in again (20-120k faults a step): 8-10% of a
+    step on 2 cores. Memory stays at the peak, as with PyTorch's CUDA caching allocator.
+    Not glibc (macOS, musl): nothing to do.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks under 32 MB (its maximum) from the heap
+        libc.mallopt(-1, 1 << 30)   # M_TRIM_THRESHOLD: return the heap's top only past 1 GB free
+    except (OSError, AttributeError, TypeError):  # TypeError: Windows has no CDLL(None)
+        pass
 
 
 def peak_flops(cfg, device):

@@ -169,3 +169,30 @@ def test_compiled_model_matches_eager_on_packed_batches_of_changing_shape(data_d
         assert losses[0] == pytest.approx(losses[1], rel=1e-5)
         for a, b in zip(*grads):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+MMAPPED_BYTES = """
+import ctypes, sys, types, torch
+sys.path.insert(0, '.')
+import train
+if sys.argv[1] == 'train':
+    train.setup_device(types.SimpleNamespace(device='cpu', threads=1, dtype='auto'))
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                'arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost'.split()]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+before = libc.mallinfo2().hblkhd  # bytes in blocks glibc mmapped: unmapped again when freed
+x = torch.ones(5 << 20)  # 20 MB, the size of a hidden activation at batch 128
+print(libc.mallinfo2().hblkhd - before)
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__('ctypes').CDLL(None), 'mallinfo2'), reason='not glibc >= 2.33')
+def test_cpu_training_keeps_freed_activations_for_reuse():
+    def mmapped(mode):
+        out = subprocess.run([sys.executable, '-c', MMAPPED_BYTES, mode], capture_output=True, text=True,
+                             check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        return int(out.stdout)
+    assert mmapped('default') >= 20 << 20  # glibc's default: such blocks are mmapped, faulted in anew
+    assert mmapped('train') == 0            # kept: they come from the heap and are reused
