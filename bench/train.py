@@ -1,6 +1,7 @@
 """
 Training throughput: our step (packed whole dialogs, padding skipped, fused AdamW) side by side
-with the paper's way (eager PyTorch, one padded dialog per row, masked cross-entropy, AdamW).
+with the paper's way (eager PyTorch in float32 whatever --dtype says, one padded dialog per row,
+masked cross-entropy, AdamW), a fixed yardstick; `speedup` is dialogs/s over the yardstick's.
 
     python bench/train.py config/memory.py --max_iters=25 --device=cpu
     python bench/train.py config/memory.py --dataset=qa --dtype=bfloat16
@@ -16,6 +17,7 @@ import resource
 import statistics
 import sys
 import time
+import types
 
 import numpy as np
 import torch
@@ -66,8 +68,13 @@ def time_steps(step, cfg, device):
         times.append(time.perf_counter() - t0)
         dialogs, tokens = dialogs + n_dialogs, tokens + n_tokens
     total = sum(times)
-    return {'step_ms': round(statistics.median(times) * 1000, 2), 'tokens_per_s': round(tokens / total),
-            'dialogs_per_s': round(dialogs / total, 1)}
+    result = {'step_ms': round(statistics.median(times) * 1000, 2), 'tokens_per_s': round(tokens / total),
+              'dialogs_per_s': round(dialogs / total, 1)}
+    if device.startswith('cuda'):
+        result['peak_mem_gb'] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
+    else:  # the process's peak resident memory so far (the packed step runs first)
+        result['peak_rss_gb'] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3)
+    return result
 
 
 def main(argv):
@@ -91,18 +98,16 @@ def main(argv):
         optimizer.zero_grad(set_to_none=True)
         return n_dialogs, n_tokens
 
-    ref_model, _, _ = train.build(cfg, meta, device)
+    ref_model, _, _ = train.build(types.SimpleNamespace(**{**vars(cfg), 'kernels': 'torch'}), meta, device)  # plain PyTorch
     ref_optimizer = torch.optim.AdamW(ref_model.parameters(), lr=cfg.learning_rate,
                                       weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
 
     def reference():
         rows = one_dialog_per_row(batches, cfg.batch_size)
         idx, targets, mask, _ = train.to_batch(rows, device)
-        with autocast:
-            logits, _ = ref_model(idx)  # every position, padding included
-            losses = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
-                                     reduction='none')
-            loss = (losses * mask.reshape(-1)).sum() / mask.sum()
+        logits, _ = ref_model(idx)  # every position, padding included, in float32
+        losses = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction='none')
+        loss = (losses * mask.reshape(-1)).sum() / mask.sum()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(ref_model.parameters(), cfg.grad_clip)
         ref_optimizer.step()
@@ -110,22 +115,20 @@ def main(argv):
         return len(rows[0]), int((rows[2] >= 0).sum())
 
     methods = [('packed', ours)] + ([('paper_reference', reference)] if cfg.reference else [])
-    for name, step in methods:
-        result = time_steps(step, cfg, device)
+    results = {name: time_steps(step, cfg, device) for name, step in methods}
+    if cfg.reference:
+        results['packed']['speedup'] = round(results['packed']['dialogs_per_s']
+                                             / results['paper_reference']['dialogs_per_s'], 2)
+    for name, result in results.items():
         if peak:
             result['mfu'] = round(model.estimate_mfu(result['tokens_per_s'], cfg.block_size, peak), 4)
-        if device.startswith('cuda'):
-            result['peak_mem_gb'] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
-        else:  # the process's peak resident memory so far (both methods, on CPU)
-            result['peak_rss_gb'] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3)
-        print(json.dumps({'method': name, 'device': device, 'dtype': cfg.dtype,
-                          'threads': torch.get_num_threads(),
+        setup = ({'dtype': cfg.dtype, 'kernels': cfg.kernels, 'compile': cfg.compile} if name == 'packed'
+                 else {'dtype': 'float32', 'kernels': 'torch', 'compile': False})
+        print(json.dumps({'method': name, 'device': device, **setup, 'threads': torch.get_num_threads(),
                           'dataset': f'synthetic:{cfg.synthetic_vocab}' if cfg.synthetic_vocab else cfg.dataset,
                           'batch_size': cfg.batch_size, 'block_size': cfg.block_size,
                           'n_layer': cfg.n_layer, 'n_head': cfg.n_head, 'n_embd': cfg.n_embd,
-                          'num_params': model.num_params(), 'kernels': cfg.kernels,
-                          'compile': cfg.compile, **result}), flush=True)
-
+                          'num_params': model.num_params(), **result}), flush=True)
 
 if __name__ == '__main__':
     main(sys.argv[1:])
