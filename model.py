@@ -79,14 +79,24 @@ def swiglu(a, b):
 
 
 def masked_cross_entropy(h, weight, targets, loss_mask):
-    """Mean cross-entropy of (h @ weight.T) over masked positions, and those logits.
-
-    Only masked positions go through the output layer: the others would be thrown away.
-    """
-    select = loss_mask.reshape(-1) if loss_mask is not None else slice(None)
-    h, targets = h.reshape(-1, h.size(-1))[select], targets.reshape(-1)[select]
+    """Mean cross-entropy of (h @ weight.T) over positions where loss_mask is true (all when
+    None), and the logits (..., vocab). Targets where the mask is false are never read."""
     logits = F.linear(h, weight)
-    return F.cross_entropy(logits.float(), targets.long()), logits
+    targets = targets.long()
+    if loss_mask is not None:
+        targets = targets.masked_fill(~loss_mask, -100)  # F.cross_entropy's ignore_index
+    return F.cross_entropy(logits.float().flatten(0, -2), targets.reshape(-1)), logits
+
+
+def padded_count(n):
+    """n rounded up to one of a few sizes, at most 1/32 more.
+
+    Packed batches hold a different number of tokens every step, and oneDNN compiles a new
+    bfloat16 matmul kernel for every new shape: ~3 ms a call on CPU, where the matmul itself takes
+    0.5 ms. Rounded up, the shapes repeat and their kernels are reused.
+    """
+    step = 1 << max(6, n.bit_length() - 6)
+    return -(-n // step) * step
 
 
 class DialogLayout:
@@ -97,10 +107,14 @@ class DialogLayout:
     views each grid as (dialogs, heads, longest, hd) and is causal along its rows, so it never
     crosses dialogs, needs no mask and no gather. The few padding slots after a dialog's end are
     never attended to by its real tokens and carry no loss: they cost a little compute, nothing else.
+    So do the unused slots after the last grid that round the slot count up (padded_count).
     """
 
     n_buckets = 8  # more: less padding, more (smaller) attention calls
 
+    # bookkeeping on indices, run eagerly under torch.compile: traced, its Python integer
+    # arithmetic would be guarded on, and every new batch shape would compile again
+    @torch.compiler.disable
     def __init__(self, doc_ids):
         B, T = doc_ids.shape
         flat = doc_ids.reshape(-1)
@@ -123,6 +137,10 @@ class DialogLayout:
             slot_pos.append(torch.arange(longest, device=key.device).repeat(n))
             self.grids.append((n, longest))
             n_slots += n * longest
+        # slots after the last grid; at least 2: torch.compile would specialise on a size of 0 or 1
+        self.unused = padded_count(n_slots + 2) - n_slots
+        slot_pos.append(torch.zeros(self.unused, dtype=torch.long, device=key.device))
+        n_slots += self.unused
         self.pos = torch.cat(slot_pos)                      # (S,) position of each slot in its dialog
         self.token_slot = first_slot[dialog] + pos          # (N,) slot of each real token
         self.real = torch.zeros(n_slots, dtype=torch.bool, device=key.device)
@@ -135,12 +153,18 @@ class DialogLayout:
         """(B, T, ...) -> (S, ...): the value at each slot."""
         return t.reshape(-1, *t.shape[2:])[self.slot_token]
 
+    @torch.compiler.disable
+    def loss_rows(self, loss_mask):
+        """The slots where loss_mask (S,) is true, then others up to a padded count (padded_count)."""
+        n = min(padded_count(int(loss_mask.sum())), len(loss_mask))
+        return torch.argsort(~loss_mask, stable=True)[:n]
+
     def attend(self, q, k, v):
         """q (S, nh, hd), k and v (S, nkv, hd) -> causal attention within each dialog, (S, nh*hd)."""
         dtype, on_cpu = q.dtype, not q.is_cuda
         if on_cpu:  # PyTorch's CPU attention is slow in bfloat16: attend in float32
             q, k, v = q.float(), k.float(), v.float()
-        out, sizes = [], [n * longest for n, longest in self.grids]
+        out, sizes = [], [n * longest for n, longest in self.grids] + [self.unused]
         # split, not slices: its backward is one cat, where each slice's would zero a full tensor
         for (n, longest), qb, kb, vb in zip(self.grids, q.split(sizes), k.split(sizes), v.split(sizes)):
             qb, kb, vb = (t.view(n, longest, t.size(1), t.size(2)).transpose(1, 2) for t in (qb, kb, vb))
@@ -150,6 +174,7 @@ class DialogLayout:
             with torch.autocast('cpu', enabled=False) if on_cpu else contextlib.nullcontext():
                 yb = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True)  # (n, nh, longest, hd)
             out.append(yb.transpose(1, 2).reshape(n * longest, -1))
+        out.append(q.new_zeros(self.unused, q.size(1) * q.size(2)))  # unused slots attend to nothing
         return torch.cat(out).to(dtype)
 
 
@@ -271,8 +296,11 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps, config.kernels)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, attn_mask=None, **kwargs):
+    def forward(self, x, cos, sin, attn_mask=None, keep=None, **kwargs):
+        """keep: the rows whose output is needed (all when None); attention still reads every row."""
         y = self.attn(self.attn_norm(x), cos, sin, attn_mask, **kwargs)
+        if keep is not None:
+            x, y = x[keep], y[keep]
         if use_triton(self.mlp_norm.kernels, x):  # residual add and norm fused: one pass over x
             x, h = triton_kernels.add_rms_norm(x, y, self.mlp_norm.weight, self.mlp_norm.eps)
         else:
@@ -316,8 +344,10 @@ class GPT(nn.Module):
         doc_ids (B, T): which dialog of its row each token belongs to, -1 for padding; attention
         then stays within dialogs and padding is skipped. Without targets: logits (B, T, vocab)
         (zeros at padding). With targets: the mean cross-entropy over positions where loss_mask
-        is true (all real positions when None), and the logits of just those positions,
-        (n, vocab) in no particular order, or None when the fused kernel never materialises them.
+        is true (all real positions when None), and logits: (B, T, vocab) without doc_ids; with
+        them (n, vocab) of just the loss positions and a few others that round n up, in no
+        particular order, since the last block and the output layer run on those rows only.
+        None when the fused kernel never materialises them.
         """
         B, T = idx.shape
         if T > self.config.block_size:
@@ -329,17 +359,19 @@ class GPT(nn.Module):
             layout = DialogLayout(doc_ids)
             x = self.embed(layout.gather(idx))                                    # (S, C)
             cos, sin = self.rope_cos[layout.pos][:, None], self.rope_sin[layout.pos][:, None]  # (S, 1, hd/2)
-        for block in self.blocks:
-            x = block(x, cos, sin, layout=layout)
+        keep = None  # slots the last block computes past its attention: all, or those with a loss
+        if targets is not None and layout is not None:  # padding slots carry no loss
+            loss_mask = layout.real if loss_mask is None else layout.gather(loss_mask) & layout.real
+            keep = layout.loss_rows(loss_mask)
+            targets, loss_mask = layout.gather(targets)[keep], loss_mask[keep]
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, layout=layout, keep=keep if i == len(self.blocks) - 1 else None)
         x = self.norm(x)
         if targets is None:
             if layout is None:
                 return self.lm_head(x), None
             logits = self.lm_head(x[layout.token_slot])
             return logits.new_zeros(B * T, logits.size(-1)).index_copy(0, layout.token_index, logits).view(B, T, -1), None
-        if layout is not None:  # targets and mask at each slot; padding slots carry no loss
-            targets = layout.gather(targets)
-            loss_mask = layout.real if loss_mask is None else layout.gather(loss_mask) & layout.real
         if use_triton(self.config.kernels, x):
             return None, triton_kernels.linear_cross_entropy(x, self.lm_head.weight, targets, loss_mask)
         loss, logits = masked_cross_entropy(x, self.lm_head.weight, targets, loss_mask)

@@ -5,6 +5,7 @@ alike, where two separate runs can differ by 20% for no reason in the code.
 
     git show HEAD~1:model.py > /tmp/model_before.py
     python bench/compare.py config/memory.py --baseline=/tmp/model_before.py --device=cpu --dtype=bfloat16
+    python bench/compare.py config/memory.py --baseline=/tmp/model_before.py --device=cpu --dtype=bfloat16 --compile=True
 
 Prints one JSON line per version: median and 25th-percentile step ms, and the last loss (equal
 losses: the two versions compute the same thing).
@@ -61,10 +62,13 @@ def main(argv):
                                          cfg.block_size, cfg.seed, meta['vocab_size'])
                for name in versions}
 
+    forwards = {name: train.compiled(model, device) if cfg.compile else model
+                for name, (model, _) in versions.items()}
+
     def step(name):  # train.py's own step; its loss.item() waits for the GPU too
         model, optimizer = versions[name]
         t0 = time.perf_counter()
-        loss, _, _ = train.accumulate_gradients(model, batches[name], cfg, device, autocast, 0, 1)
+        loss, _, _ = train.accumulate_gradients(forwards[name], batches[name], cfg, device, autocast, 0, 1)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -91,6 +91,33 @@ def test_loss_and_gradients_do_not_depend_on_the_bucketing(monkeypatch, n_bucket
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_gradients_equal_those_of_the_loss_over_every_position():
+    """Training computes the last block past attention, and the output layer, at loss slots only."""
+    lengths = [[5, 11, 3], [19], [8, 8], [2, 2, 2, 2, 2]]
+    idx, doc = packed_rows(lengths, 20)
+    targets, mask = torch.randint(0, 50, (4, 20)), (torch.rand(4, 20) < 0.5) & (doc >= 0)
+    grads = []
+    for pruned in (True, False):
+        model = tiny(n_layer=3)
+        if pruned:
+            _, loss = model(idx, targets, mask, doc)
+        else:  # every real position through every layer, then the masked mean by hand
+            logits, _ = model(idx, doc_ids=doc)
+            losses = F.cross_entropy(logits.view(-1, 50), targets.view(-1), reduction='none')
+            loss = (losses * mask.view(-1)).sum() / mask.sum()
+        loss.backward()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_padded_counts_take_few_values_and_waste_little():
+    from model import padded_count
+    counts = [padded_count(n) for n in range(1, 40_000)]
+    assert all(0 <= c - n < max(64, n / 32) for n, c in zip(range(1, 40_000), counts))
+    assert len(set(counts[18_000:20_000])) <= 5  # the slot counts of batch 128 x 257
+
+
 def test_changing_one_dialog_leaves_the_others_untouched():
     model = tiny()
     idx, doc = packed_rows([[6, 10, 4]], 20)

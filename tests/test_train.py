@@ -171,6 +171,25 @@ def test_compiled_model_matches_eager_on_packed_batches_of_changing_shape(data_d
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.skipif(not any(train.shutil.which(c) for c in ('g++', 'clang++')), reason='no C++ compiler')
+def test_compiled_training_on_full_batches_compiles_once(data_dir, tmp_path):
+    """Every batch has another shape; past the first, none may compile again (~10 s each)."""
+    from torch._dynamo.utils import counters
+    cfg = config(data_dir, tmp_path, '--n_layer=1', '--batch_size=128')
+    meta = train.load_dataset_meta(data_dir)
+    model, _, _ = train.build(cfg, meta, 'cpu')
+    fast = train.compiled(model, 'cpu')
+    batches = train.PackedBatches(data_dir, {'qatool': 1.0}, 'train', cfg.block_size, 0, meta['vocab_size'])
+    graphs, shapes = [], set()
+    for _ in range(6):
+        idx, targets, mask, doc_ids = train.to_batch(batches.next_rows(cfg.batch_size), 'cpu')
+        _, loss = fast(idx, targets, mask, doc_ids)
+        loss.backward()
+        shapes.add((int((doc_ids >= 0).sum()), int(mask.sum())))
+        graphs.append(counters['stats']['unique_graphs'])
+    assert len(shapes) > 1 and graphs[1:] == graphs[:1] * 5
+
+
 MMAPPED_BYTES = """
 import ctypes, sys, types, torch
 sys.path.insert(0, '.')
