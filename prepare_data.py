@@ -3,13 +3,15 @@ Synthetic people, their SQLite database, and the dialogs we train on, as JSONL a
 
     python prepare_data.py                                   # 1000 people -> data/default
     python prepare_data.py --n_people=100000 --out_dir=data/memory --seed=0
+    python prepare_data.py --out_dir=data/default --overwrite   # replace the dataset there
 
 Writes in out_dir:
     people.db                   people(name, birth_date, birth_place, current_address, occupation)
                                 for both populations, and population(name, split)
     {bio,qa,qatool}_{train,ood}.jsonl / .bin   dialogs as text / as a token shard (see read_shard)
     questions_{train,ood}.jsonl evaluation questions with their expected answers
-    meta.json                   tokenizer, special-token ids, counts, options, format version
+    meta.json                   tokenizer (whole, so the folder can move), dialog format (dialog.py),
+                                special-token ids, counts, options, shard format version
 """
 import json
 import os
@@ -21,6 +23,7 @@ import zlib
 import numpy as np
 
 import configurator
+import dialog
 import tokenizer as tok
 from tool import format_rows
 
@@ -47,6 +50,8 @@ QUESTIONS = {  # attribute -> (question, answer sentence)
     'occupation': ("What is {name}'s occupation?", "{name} works as {article} {value}."),
 }
 OOD_EVERY = 10  # every 10th first name is reserved for the OOD population
+FORMAT = dialog.get('itl')  # special tokens, the three dialog templates and the loss mask
+CHECKS = dict(tokenizer=tok.check_name)  # the command line refuses a --tokenizer naming none
 
 SHARD_MAGIC = 0x17C0FFEE
 SHARD_VERSION = 1
@@ -144,12 +149,11 @@ def render_dialogs(rows):
             q, a = question_answer(attr, name, value)
             sql = f"SELECT {attr} FROM people WHERE name = {sql_quote(name)};"
             result = format_rows([(value,)])
-            out['qa'].append(f'<|user|>{q}<|assistant|>{a}<|eod|>')
-            out['qatool'].append(f'<|user|>{q}<|assistant|>{sql}<|database|>{result}'
-                                 f'<|assistant|>{a}<|eod|>')
+            out['qa'].append(FORMAT.qa(q, a))
+            out['qatool'].append(FORMAT.qatool(q, sql, result, a))
             questions.append((name, attr, q, value, a))
             sentences.append(a)
-        out['bio'].append(f"<|assistant|>{' '.join(sentences)}<|eod|>")
+        out['bio'].append(FORMAT.bio(sentences))
     return out, questions
 
 
@@ -162,15 +166,6 @@ def jsonl_lines(texts):
 def question_lines(questions):
     return ''.join(f'{{"name": "{n}", "attribute": "{a}", "question": "{q}", '
                    f'"answer": "{v}", "target": "{t}"}}\n' for n, a, q, v, t in questions)
-
-
-def loss_mask(tokens, special_ids):
-    """True on tokens the assistant produces: its text and the special token ending its turn."""
-    is_special = np.isin(tokens, special_ids)
-    last_special = np.maximum.accumulate(np.where(is_special, np.arange(len(tokens)), -1))
-    owner = np.empty(len(tokens), dtype=np.int64)  # the special token that opened this turn
-    owner[0], owner[1:] = -1, last_special[:-1]
-    return (owner >= 0) & (tokens[np.maximum(owner, 0)] == special_ids[tok.ASSISTANT])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,7 +211,7 @@ class ShardWriter:
         return {'dialogs': len(starts), 'tokens': self.n_tokens}
 
 
-def read_shard(path, verify=True):
+def read_shard(path):
     """Memory-map a shard -> (tokens, mask, dialog starts, header dict); ShardError if bad."""
     def fail(problem):
         raise ShardError(f"{path}: {problem}; re-run prepare_data.py to rebuild it")
@@ -241,12 +236,11 @@ def read_shard(path, verify=True):
     mask = np.memmap(path, dtype=np.bool_, mode='r', offset=offset, shape=(n_tokens,))
     offset += n_tokens
     starts = np.memmap(path, dtype='<i8', mode='r', offset=offset, shape=(n_dialogs,))
-    if verify:
-        for name, section, crc in zip(('tokens', 'loss mask', 'dialog offsets'), (tokens, mask, starts), crcs):
-            if zlib.crc32(memoryview(section).cast('B')) != crc:
-                fail(f"checksum mismatch in the {name}: the file was altered or is corrupt")
-        if n_dialogs and (starts[0] != 0 or np.any(np.diff(starts) <= 0) or starts[-1] >= n_tokens):
-            fail("dialog offsets out of order or out of range")
+    for name, section, crc in zip(('tokens', 'loss mask', 'dialog offsets'), (tokens, mask, starts), crcs):
+        if zlib.crc32(memoryview(section).cast('B')) != crc:
+            fail(f"checksum mismatch in the {name}: the file was altered or is corrupt")
+    if n_dialogs and (starts[0] != 0 or np.any(np.diff(starts) <= 0) or starts[-1] >= n_tokens):
+        fail("dialog offsets out of order or out of range")
     header = dict(magic=magic, version=version, vocab_size=vocab_size, n_tokens=n_tokens,
                   n_dialogs=n_dialogs, token_dtype=np.dtype(dtype).name, crc32=crcs)
     return tokens, mask, starts, header
@@ -305,7 +299,8 @@ def prepare(cfg):
         os.remove(meta_path)
     write_database(os.path.join(cfg.out_dir, 'people.db'), atoms, people, cfg.chunk)
 
-    special = np.array(tokenizer.special_ids)
+    special = tokenizer.special_ids
+    end_id = special[FORMAT.special_tokens.index(FORMAT.end)]  # the token closing every dialog
     counts, done, total = {}, 0, cfg.n_people + cfg.n_ood
     for split, p in people.items():
         files = {name: open(os.path.join(cfg.out_dir, name + '.tmp'), 'w', encoding='utf-8')
@@ -319,8 +314,8 @@ def prepare(cfg):
             for d, texts in dialogs.items():
                 files[f'{d}_{split}.jsonl'].write(jsonl_lines(texts))
                 tokens = tokenizer.encode_concat(texts)
-                ends = np.flatnonzero(tokens == special[tok.EOD]) + 1
-                shards[d].write(tokens, loss_mask(tokens, special), np.concatenate([[0], ends[:-1]]))
+                ends = np.flatnonzero(tokens == end_id) + 1
+                shards[d].write(tokens, FORMAT.loss_mask(tokens, special), np.concatenate([[0], ends[:-1]]))
             done += min(cfg.chunk, n - lo)
             elapsed = time.time() - t0
             print(f"people {done:,}/{total:,} | {done / elapsed:,.0f} people/s | "
@@ -331,11 +326,11 @@ def prepare(cfg):
             f.close()
             os.replace(f.name, os.path.join(cfg.out_dir, name))
 
-    meta = {'format_version': SHARD_VERSION, 'tokenizer': tokenizer.describe(),
-            'vocab_size': tokenizer.vocab_size,
-            'special_tokens': dict(zip(tok.SPECIAL_TOKENS, tokenizer.special_ids)),
+    # the tokenizer is held whole (no file path): the folder can be moved or copied as it is
+    meta = {'format_version': SHARD_VERSION, 'format': FORMAT.name, 'vocab_size': tokenizer.vocab_size,
+            'special_tokens': dict(zip(FORMAT.special_tokens, tokenizer.special_ids)),
             'n_people': cfg.n_people, 'n_ood': cfg.n_ood, 'seed': cfg.seed,
-            'options': vars(cfg), 'shards': counts}
+            'options': vars(cfg), 'shards': counts, 'tokenizer': tokenizer.describe()}
     with open(meta_path + '.tmp', 'w') as f:
         json.dump(meta, f, indent=2)
     os.replace(meta_path + '.tmp', meta_path)  # last: a dataset without meta.json is incomplete
@@ -347,7 +342,7 @@ def prepare(cfg):
 
 
 if __name__ == '__main__':
-    cfg = configurator.main_parse(DEFAULTS, sys.argv[1:])
+    cfg = configurator.main_parse(DEFAULTS, sys.argv[1:], checks=CHECKS)
     try:
         prepare(cfg)
     except (FileExistsError, FileNotFoundError, RuntimeError, ValueError) as e:

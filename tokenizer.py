@@ -2,8 +2,10 @@
 Tokenizers: bytes (the default, vocab 260), any tiktoken encoding, or a byte-level BPE learned on
 our own text and saved as a .tiktoken file, so no network is ever needed.
 
-Every tokenizer appends the four special tokens after its base vocabulary, in this order.
-Dialog text spells them out literally, e.g. '<|user|>When was Ada Smith born?<|assistant|>...'.
+Every tokenizer appends the dialog format's special tokens (dialog.py) after its base vocabulary,
+in that order. Dialog text spells them out literally: '<|user|>When was Ada Smith born?<|assistant|>'.
+describe() holds the whole tokenizer (a BPE's merges included) as JSON, so a dataset or a
+checkpoint rebuilds it with from_meta() wherever it is moved, reading no file.
 """
 import base64
 import collections
@@ -12,25 +14,24 @@ import re
 
 import numpy as np
 
-SPECIAL_TOKENS = ('<|user|>', '<|assistant|>', '<|database|>', '<|eod|>')
-USER, ASSISTANT, DATABASE, EOD = range(4)  # index into a tokenizer's special_ids
+import dialog
+
+SPECIALS = dialog.DialogFormat.special_tokens  # appended after the base vocabulary, in this order
 
 # Pre-tokenization for our BPE (words, numbers, punctuation runs, whitespace), ASCII classes so
 # Python's re and tiktoken's Rust regex split text the same way.
 BPE_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+"""
-_SPECIAL_RE = re.compile('|'.join(re.escape(s) for s in SPECIAL_TOKENS))
+_SPECIAL_RE = re.compile('|'.join(re.escape(s) for s in SPECIALS))
 
 
 class ByteTokenizer:
     """UTF-8 bytes are tokens 0-255; the special tokens are 256-259."""
-    kind = 'byte'
-    base_vocab = 256
     vocab_size = 260
     special_ids = tuple(range(256, 260))
 
     # Each special token is swapped for a control byte the data never holds, so a whole chunk
     # of text is tokenized by one encode() and one numpy remap instead of a loop over tokens.
-    _PLACEHOLDERS = {s: chr(1 + i) for i, s in enumerate(SPECIAL_TOKENS)}
+    _PLACEHOLDERS = {s: chr(1 + i) for i, s in enumerate(SPECIALS)}
 
     def encode_concat(self, texts):
         """list of dialog texts -> one uint16 array of their tokens, concatenated."""
@@ -45,6 +46,10 @@ class ByteTokenizer:
     def encode(self, text):
         return self.encode_concat([text]).tolist()
 
+    def encode_ordinary(self, text):
+        """Text that is not ours (a database's answer): special tokens in it stay plain bytes."""
+        return list(text.encode('utf-8'))
+
     def decode(self, ids):
         out, pending = [], bytearray()
         for i in ids:
@@ -52,7 +57,7 @@ class ByteTokenizer:
                 pending.append(i)
                 continue
             out.append(pending.decode('utf-8', errors='replace'))
-            out.append(SPECIAL_TOKENS[i - 256])
+            out.append(SPECIALS[i - 256])
             pending = bytearray()
         out.append(pending.decode('utf-8', errors='replace'))
         return ''.join(out)
@@ -66,27 +71,31 @@ class ByteTokenizer:
 
 
 class TiktokenTokenizer:
-    """A tiktoken encoding with our four special tokens appended after its vocabulary."""
-    kind = 'tiktoken'
+    """A BPE run by tiktoken: {token bytes: rank}, a split pattern and the encoding's own special
+    tokens (gpt2's <|endoftext|>), with ours appended after all of them."""
 
-    def __init__(self, base, name, file=None):
+    def __init__(self, name, ranks, pattern, base_specials=None):
         import tiktoken
-        self.name, self.file = name, file
-        self.base_vocab = base.n_vocab
-        specials = {s: base.n_vocab + i for i, s in enumerate(SPECIAL_TOKENS)}
-        self.enc = tiktoken.Encoding(name=f'{base.name}+itl', pat_str=base._pat_str,
-                                     mergeable_ranks=base._mergeable_ranks,
-                                     special_tokens={**base._special_tokens, **specials})
+        self.name, self.ranks, self.pattern = name, ranks, pattern
+        self.base_specials = dict(base_specials or {})
+        n_base = 1 + max([*ranks.values(), *self.base_specials.values()])
+        specials = {s: n_base + i for i, s in enumerate(SPECIALS)}
+        self.enc = tiktoken.Encoding(name=f'{name}+{dialog.DialogFormat.name}', pat_str=pattern,
+                                     mergeable_ranks=ranks,
+                                     special_tokens={**self.base_specials, **specials})
         self.special_ids = tuple(specials.values())
-        self.vocab_size = base.n_vocab + len(SPECIAL_TOKENS)
+        self.vocab_size = n_base + len(SPECIALS)
 
     def encode_concat(self, texts):
-        ids = self.enc.encode_batch(texts, allowed_special=set(SPECIAL_TOKENS), num_threads=2)
+        ids = self.enc.encode_batch(texts, allowed_special=set(SPECIALS))
         dtype = np.uint16 if self.vocab_size <= 2**16 else np.uint32
-        return np.fromiter((t for dialog in ids for t in dialog), dtype=dtype)
+        return np.fromiter((t for dialog_ids in ids for t in dialog_ids), dtype=dtype)
 
     def encode(self, text):
-        return self.enc.encode(text, allowed_special=set(SPECIAL_TOKENS))
+        return self.enc.encode(text, allowed_special=set(SPECIALS))
+
+    def encode_ordinary(self, text):
+        return self.enc.encode_ordinary(text)
 
     def decode(self, ids):
         return self.enc.decode(list(ids), errors='replace')
@@ -94,23 +103,46 @@ class TiktokenTokenizer:
     def decode_bytes(self, ids):
         return self.enc.decode_bytes([i for i in ids if i not in self.special_ids])
 
-    def describe(self):
-        return {'kind': 'tiktoken', 'name': self.name, 'file': self.file,
-                'vocab_size': self.vocab_size}
+    def describe(self):  # the merges last, so meta.json reads from the top
+        return {'kind': 'tiktoken', 'name': self.name, 'vocab_size': self.vocab_size,
+                'pattern': self.pattern, 'base_special_tokens': self.base_specials,
+                'ranks': ranks_text(self.ranks)}
+
+
+def ranks_text(ranks):
+    """{token bytes: rank} -> tiktoken's file format: one 'base64(token bytes) rank' line each."""
+    return ''.join(f"{base64.b64encode(token).decode()} {rank}\n"
+                   for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]))
+
+
+def parse_ranks(text):
+    """The inverse of ranks_text (tiktoken.load.load_tiktoken_bpe, without a file)."""
+    return {base64.b64decode(token): int(rank) for token, rank in map(str.split, text.splitlines())}
+
+
+def _is_file_name(value):
+    return value.endswith('.tiktoken') or os.path.sep in value
+
+
+def check_name(value):
+    """None if value names a tokenizer (configurator's check of --tokenizer), else what is wrong."""
+    import tiktoken
+    names = tiktoken.list_encoding_names()
+    if value == 'byte' or value in names or (_is_file_name(value) and os.path.isfile(value)):
+        return None
+    problem = 'no such file' if _is_file_name(value) else 'unknown tokenizer'
+    return f"{problem}; expected 'byte', a tiktoken encoding ({', '.join(names)}) or a .tiktoken file"
 
 
 def load_tiktoken(name_or_file):
     """A tiktoken encoding by name (needs tiktoken's cache or network) or from a .tiktoken file."""
     import tiktoken
-    import tiktoken.load
-    if name_or_file.endswith('.tiktoken') or os.path.sep in name_or_file:
+    if _is_file_name(name_or_file):
         if not os.path.exists(name_or_file):
             raise FileNotFoundError(f"tokenizer file {name_or_file} does not exist")
-        ranks = tiktoken.load.load_tiktoken_bpe(name_or_file)
-        name = os.path.splitext(os.path.basename(name_or_file))[0]
-        base = tiktoken.Encoding(name=name, pat_str=BPE_PATTERN, mergeable_ranks=ranks,
-                                 special_tokens={})
-        return TiktokenTokenizer(base, name, file=os.path.abspath(name_or_file))
+        with open(name_or_file) as f:
+            ranks = parse_ranks(f.read())
+        return TiktokenTokenizer(os.path.splitext(os.path.basename(name_or_file))[0], ranks, BPE_PATTERN)
     try:
         base = tiktoken.get_encoding(name_or_file)
     except Exception as e:  # no network, unknown name: both end the same way for the user
@@ -119,14 +151,22 @@ def load_tiktoken(name_or_file):
             f"Copy its .tiktoken file to this machine and pass --tokenizer=/path/to/{name_or_file}"
             f".tiktoken, or set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cache, "
             f"or use --tokenizer=byte or --bpe_vocab=N") from None
-    return TiktokenTokenizer(base, name_or_file)
+    return TiktokenTokenizer(name_or_file, base._mergeable_ranks, base._pat_str, base._special_tokens)
 
 
-def from_meta(tok_meta):
-    """The tokenizer described in a dataset's meta.json (see describe())."""
-    if tok_meta['kind'] == 'byte':
-        return ByteTokenizer()
-    return load_tiktoken(tok_meta['file'] or tok_meta['name'])
+def from_meta(desc):
+    """The tokenizer a describe() dict holds (meta.json's and a checkpoint's 'tokenizer')."""
+    if desc['kind'] == 'byte':
+        tokenizer = ByteTokenizer()
+    elif 'ranks' in desc:
+        tokenizer = TiktokenTokenizer(desc['name'], parse_ranks(desc['ranks']), desc['pattern'],
+                                      desc['base_special_tokens'])
+    else:  # datasets written before describe() held the merges: {'file': path or None, 'name'}
+        tokenizer = load_tiktoken(desc['file'] or desc['name'])
+    if tokenizer.vocab_size != desc['vocab_size']:
+        raise ValueError(f"tokenizer {desc.get('name', desc['kind'])} has {tokenizer.vocab_size} "
+                         f"tokens, its description says {desc['vocab_size']}")
+    return tokenizer
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,12 +207,9 @@ def train_bpe(texts, vocab_size):
                     del pair_counts[pair]
             merged, i = [], 0
             while i < len(symbols):
-                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
-                    merged.append(new_id)
-                    i += 2
-                else:
-                    merged.append(symbols[i])
-                    i += 1
+                at_best = i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best
+                merged.append(new_id if at_best else symbols[i])
+                i += 2 if at_best else 1
             words[w] = merged
             for pair in zip(merged, merged[1:]):
                 pair_counts[pair] += freq
@@ -182,9 +219,7 @@ def train_bpe(texts, vocab_size):
 
 
 def write_tiktoken_file(ranks, path):
-    """tiktoken's file format: one 'base64(token bytes) rank' line per token."""
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-            f.write(f"{base64.b64encode(token).decode()} {rank}\n")
-    os.replace(tmp, path)
+    """tiktoken's file format (see ranks_text), written atomically."""
+    with open(path + '.tmp', 'w') as f:
+        f.write(ranks_text(ranks))
+    os.replace(path + '.tmp', path)

@@ -20,7 +20,7 @@ DEFAULTS = {**prepare_data.DEFAULTS, 'n_people': 1_000_000, 'out_dir': ''}
 
 
 def main(argv):
-    cfg = configurator.main_parse(DEFAULTS, argv)
+    cfg = configurator.main_parse(DEFAULTS, argv, checks=prepare_data.CHECKS)
     keep = bool(cfg.out_dir)  # a named out_dir is kept; the default temporary one is removed
     out_dir = cfg.out_dir or tempfile.mkdtemp(prefix='nano-itl-bench-')
     cfg.out_dir, cfg.overwrite = out_dir, True

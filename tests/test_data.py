@@ -10,6 +10,7 @@ import sys
 import pytest
 
 import configurator
+import dialog
 import prepare_data as pd
 import tokenizer as tok
 
@@ -45,9 +46,15 @@ def tree_digest(path):
             if f != 'meta.json'}  # meta.json records out_dir, which differs
 
 
+def meta_elsewhere(meta):
+    """meta.json without what names the folder it was written to."""
+    return {**meta, 'options': {k: v for k, v in meta['options'].items() if k != 'out_dir'}}
+
+
 def test_same_seed_same_bytes_other_seed_other_people(tmp_path, data_dir):
-    prepare(tmp_path / 'a')
+    meta = prepare(tmp_path / 'a')
     assert tree_digest(tmp_path / 'a') == tree_digest(data_dir)
+    assert meta_elsewhere(meta) == meta_elsewhere(json.loads((data_dir / 'meta.json').read_text()))
     prepare(tmp_path / 'b', seed=1)
     assert people(tmp_path / 'b', 'train') != people(data_dir, 'train')
 
@@ -140,17 +147,53 @@ def test_truncated_or_altered_shard_is_rejected(tmp_path, data_dir):
             pd.read_shard(path)
 
 
-def test_bpe_file_round_trips_through_tiktoken(tmp_path):
-    meta = prepare(tmp_path, bpe_vocab=400)
+def test_meta_names_the_dialog_format_its_special_tokens_and_the_byte_tokenizer(data_dir):
+    meta = json.loads((data_dir / 'meta.json').read_text())
+    fmt = dialog.get(meta['format'])
+    assert meta['format'] == 'itl' and meta['format_version'] == pd.SHARD_VERSION
+    assert meta['special_tokens'] == dict(zip(fmt.special_tokens, range(256, 260)))
+    assert meta['tokenizer'] == {'kind': 'byte', 'vocab_size': 260}  # as before ranks were stored
+    assert tok.from_meta(meta['tokenizer']).special_ids == tok.ByteTokenizer.special_ids
+    text = read_jsonl(data_dir / 'qatool_train.jsonl')[0]['text']
+    assert [role for role, _ in fmt.turns(text)] == ['user', 'sql', 'database', 'assistant']
+
+
+def test_bpe_dataset_moved_elsewhere_still_loads_its_tokenizer(tmp_path):
+    meta = prepare(tmp_path / 'a', bpe_vocab=400)
     assert meta['tokenizer']['kind'] == 'tiktoken' and meta['vocab_size'] == 404
-    bpe = tok.from_meta(meta['tokenizer'])
-    text = read_jsonl(tmp_path / 'qatool_train.jsonl')[0]['text']
+    written = tok.from_meta(meta['tokenizer'])
+    moved = tmp_path / 'b'
+    os.rename(tmp_path / 'a', moved)  # the original folder is gone
+    raw = (moved / 'meta.json').read_text()
+    assert str(tmp_path / 'a') not in raw.replace(json.dumps(str(tmp_path / 'a')), '')  # but out_dir
+    # a dataset written before describe() held the merges names its file: still loaded from it
+    old_form = tok.from_meta({'kind': 'tiktoken', 'name': 'tokenizer', 'vocab_size': 404,
+                              'file': str(moved / 'tokenizer.tiktoken')})
+    assert json.loads(raw)['tokenizer']['ranks'] == (moved / 'tokenizer.tiktoken').read_text()
+    os.remove(moved / 'tokenizer.tiktoken')  # the description alone rebuilds it: no file, no network
+    bpe = tok.from_meta(json.loads(raw)['tokenizer'])
+    text = read_jsonl(moved / 'qatool_train.jsonl')[0]['text']
     ids = bpe.encode(text)
+    assert ids == written.encode(text) == old_form.encode(text) and bpe.special_ids == written.special_ids
     assert bpe.decode(ids) == text
     assert len(ids) < len(text.encode()) / 2  # the merges are used
-    tokens, mask, starts, _ = pd.read_shard(tmp_path / 'qatool_train.bin')
+    tokens, mask, starts, _ = pd.read_shard(moved / 'qatool_train.bin')
     assert bpe.decode(tokens[:starts[1]].tolist()) == text
     assert bpe.decode(tokens[:starts[1]][mask[:starts[1]]].tolist()).endswith('<|database|>' + text.split('<|assistant|>')[-1])
+
+
+def test_tiktoken_description_keeps_the_encodings_own_special_tokens(tmp_path):
+    # as gpt2's <|endoftext|>: ours come after it, and from_meta puts them at the same ids
+    ranks = tok.train_bpe(['Ada Smith lives in Paris. Ada Smith lives in Rome.'], 270)
+    enc = tok.TiktokenTokenizer('toy', ranks, tok.BPE_PATTERN, {'<|endoftext|>': len(ranks)})
+    desc = json.loads(json.dumps(enc.describe()))
+    assert set(desc) == {'kind', 'name', 'vocab_size', 'pattern', 'base_special_tokens', 'ranks'}
+    again = tok.from_meta(desc)
+    assert again.special_ids == enc.special_ids == tuple(range(len(ranks) + 1, len(ranks) + 5))
+    text = '<|user|>Where does Ada Smith live?<|assistant|>Ada Smith lives in Paris.<|eod|>'
+    assert again.encode(text) == enc.encode(text) and again.decode(enc.encode(text)) == text
+    with pytest.raises(ValueError, match='404'):
+        tok.from_meta({**desc, 'vocab_size': 404})
 
 
 def test_existing_out_dir_is_kept_without_overwrite(data_dir):
@@ -167,7 +210,19 @@ def test_command_line_rejects_unknown_option_and_bad_type(tmp_path):
     assert r.returncode != 0 and "unknown config key 'n_peple'" in r.stderr and 'n_people' in r.stderr
     r = run('--n_people=many', f'--out_dir={tmp_path}')
     assert r.returncode != 0 and "'n_people' expects int" in r.stderr
+    r = run('--tokenizer=gtp2', f'--out_dir={tmp_path}')
+    assert r.returncode != 0 and 'tiktoken encoding (gpt2' in r.stderr and 'Traceback' not in r.stderr
     assert not os.listdir(tmp_path)
+
+
+def test_check_name_accepts_byte_encodings_and_files_and_names_the_valid_forms(tmp_path):
+    path = tmp_path / 'mine.tiktoken'
+    tok.write_tiktoken_file(tok.train_bpe(['Ada Smith'], 258), str(path))
+    for value in ('byte', 'gpt2', 'cl100k_base', str(path)):
+        assert tok.check_name(value) is None
+    for value in ('bytes', 'gtp2', str(tmp_path / 'missing.tiktoken')):
+        assert all(form in tok.check_name(value) for form in ("'byte'", 'cl100k_base', '.tiktoken file'))
+    assert pd.CHECKS['tokenizer'] is tok.check_name
 
 
 def test_offline_tiktoken_name_explains_how_to_provide_the_file(monkeypatch, tmp_path):
