@@ -3,6 +3,10 @@ The paper's figures and fitted numbers from a sweep's results.csv (see sweep.py)
 
     python plot.py --results=sweeps/cpu/results.csv --out_dir=sweeps/cpu
     python plot.py --results=sweeps/cpu/results.csv,sweeps/alpha/results.csv --out_dir=figures
+    python plot.py --results=figures/results_cpu.csv --compare=grid4.csv --out_dir=figures
+
+A results CSV needs the columns REQUIRED and may have OPTIONAL (blank: missing); others are ignored.
+--compare: the authors' grid as released (results/grid4.csv of github.com/ambroiseodt/itl) in (a).
 
 Writes in out_dir:
     params_vs_facts.png   (a) smallest model reaching recall >= threshold against facts, log-log
@@ -35,9 +39,19 @@ DEFAULTS = dict(
     threshold=0.95,                    # a configuration passes at this mean recall
     ood_threshold=0.9,                 # in-tool OOD recall that counts as "switched on"
     alpha=1.0,                         # the alpha of figures (a) to (c)
+    compare='',                        # the paper's grid4.csv: its curve beside ours in (a); '' : none
 )
-NUMERIC = ('n_people', 'n_facts', 'seed', 'n_embd', 'n_layer', 'n_head', 'alpha', 'num_params',
-           'steps', 'recall', 'recall_ood')
+GRID_POINT = ('dataset', 'n_people', 'alpha', 'n_embd', 'n_layer', 'n_head', 'seed')  # one run
+REQUIRED = GRID_POINT + ('n_facts', 'num_params', 'recall')
+OPTIONAL = ('steps', 'best_loss', 'recall_ood', 'wall_s')  # absent or blank: None
+# The authors' results/grid4.csv, as their code (apps/memory of github.com/ambroiseodt/itl) writes
+# it: nb_data counts people (4 questions, i.e. facts, each), key is 'qa' (in-weight) or 'qatool'
+# (in-tool) as ours, seed is the data loader's, accuracy_best the best exact-match fraction (0-1)
+# on the trained people's questions, loss_best the lowest training loss. Attributes independent.
+PAPER_COLUMNS = {'data.nb_data': 'n_people', 'data.key': 'dataset', 'data.seed': 'seed',
+                 'model.emb_dim': 'n_embd', 'model.nb_layers': 'n_layer', 'model.block.nb_heads': 'n_head',
+                 'nb_params': 'num_params', 'accuracy_best': 'recall'}
+PAPER_ALPHA = 1.0
 LABEL = {'qa': 'in-weight (qa)', 'qatool': 'in-tool (qatool)'}
 # Chance for an exact-match answer: the best fixed guess for each attribute is right with
 # probability 1 / (number of values) when values are uniform (alpha = 1). make_people draws dates
@@ -52,16 +66,43 @@ def chance_level():
     return float(np.mean([1 / s for s in sizes]))
 
 
+def read_csv(path, required):
+    """The rows of a CSV as dicts of strings; one line naming what is missing if a column is."""
+    with open(path, newline='') as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in required if c not in (reader.fieldnames or [])]
+        if missing:
+            raise SystemExit(f"error: {path} lacks the columns {', '.join(missing)}")
+        return list(reader)
+
+
+def add_rows(records, rows):
+    """Records of our schema (strings) -> rows (numbers, None where blank), keyed by grid point:
+    a run seen twice keeps its last row. One without a required value (a torn line, or a run
+    without recall evaluation) is skipped."""
+    for r in records:
+        if any(r.get(k) in (None, '') for k in REQUIRED):
+            continue
+        row = {k: r[k] if k == 'dataset' else None if r.get(k) in (None, '') else float(r[k])
+               for k in REQUIRED + OPTIONAL}
+        rows[tuple(row[k] for k in GRID_POINT)] = row
+    return rows
+
+
 def load(paths):
-    """Rows of one or more results.csv, numbers parsed; a run_id seen twice keeps its last row."""
+    """Rows of one or more results CSVs (comma-separated paths), later rows winning."""
     rows = {}
     for path in paths.split(','):
-        with open(path, newline='') as f:
-            for r in csv.DictReader(f):
-                if r.get('recall') in (None, ''):
-                    continue  # a torn line, or a run without recall evaluation
-                rows[r['run_id']] = {**r, **{k: float(r[k]) for k in NUMERIC}}
+        add_rows(read_csv(path, REQUIRED), rows)
     return list(rows.values())
+
+
+def load_paper_grid(path):
+    """The authors' grid4.csv (see PAPER_COLUMNS) as rows of our schema."""
+    records = [{**{ours: r[theirs] for theirs, ours in PAPER_COLUMNS.items()},
+                'n_facts': str(4 * float(r['data.nb_data'])), 'alpha': str(PAPER_ALPHA),
+                'best_loss': r.get('loss_best')} for r in read_csv(path, PAPER_COLUMNS)]
+    return list(add_rows(records, {}).values())
 
 
 def configurations(rows):
@@ -73,8 +114,13 @@ def configurations(rows):
     return {key: {'n_people': key[2], 'n_embd': key[3], 'n_facts': int(rs[0]['n_facts']),
                   'num_params': int(rs[0]['num_params']), 'seeds': len(rs),
                   'recall': float(np.mean([r['recall'] for r in rs])),
-                  'recall_ood': float(np.mean([r['recall_ood'] for r in rs]))}
+                  'recall_ood': _mean([r['recall_ood'] for r in rs])}
             for key, rs in groups.items()}
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]  # None: a run without that evaluation
+    return float(np.mean(values)) if values else None
 
 
 def min_passing(confs, dataset, alpha, threshold):
@@ -109,19 +155,26 @@ def ood_transition(confs, alpha, ood_threshold):
     """Per in-tool width: the fewest training people with mean OOD recall >= the threshold."""
     out = {}
     for (ds, a, n, w, *_), c in sorted(confs.items()):
-        if ds == 'qatool' and a == alpha and c['recall_ood'] >= ood_threshold:
+        if ds == 'qatool' and a == alpha and (c['recall_ood'] or 0) >= ood_threshold:
             out.setdefault(f'n_embd={w}', n)
     return out
 
 
-def summarize(rows, cfg):
+def per_dataset(confs, alpha, threshold):
+    """Per dataset: the smallest passing model per n_facts, where none passed, and their fit."""
+    out = {}
+    for ds in sorted({key[0] for key in confs}):
+        points, not_reached = min_passing(confs, ds, alpha, threshold)
+        out[ds] = {'min_params': _str_keys(points),
+                   'not_reached_max_params_tried': _str_keys(not_reached), **fit(points)}
+    return out
+
+
+def summarize(rows, cfg, paper_rows=None):
     confs = configurations(rows)
     summary = {'threshold': cfg.threshold, 'alpha': cfg.alpha, 'runs': len(rows),
-               'configurations': len(confs), 'chance_level': chance_level(), 'datasets': {}}
-    for ds in sorted({r['dataset'] for r in rows}):
-        points, not_reached = min_passing(confs, ds, cfg.alpha, cfg.threshold)
-        summary['datasets'][ds] = {'min_params': _str_keys(points),
-                                   'not_reached_max_params_tried': _str_keys(not_reached), **fit(points)}
+               'configurations': len(confs), 'chance_level': chance_level(),
+               'datasets': per_dataset(confs, cfg.alpha, cfg.threshold)}
     qa, tool = summary['datasets'].get('qa', {}), summary['datasets'].get('qatool', {})
     summary.update(in_weight_loglog_exponent=qa.get('loglog_exponent'),
                    in_weight_params_per_fact=qa.get('params_per_fact'),
@@ -131,6 +184,10 @@ def summarize(rows, cfg):
     for a in sorted({r['alpha'] for r in rows if r['dataset'] == 'qa'}):
         points, _ = min_passing(confs, 'qa', a, cfg.threshold)
         summary['compressibility'][f'{a:g}'] = {'min_params': _str_keys(points), **fit(points)}
+    if paper_rows is not None:  # the same threshold and fit on the authors' grid
+        paper = per_dataset(configurations(paper_rows), PAPER_ALPHA, cfg.threshold)
+        summary['compare'] = {'results': cfg.compare, 'alpha': PAPER_ALPHA, 'runs': len(paper_rows),
+                              'datasets': paper}
     return confs, summary
 
 
@@ -162,6 +219,17 @@ def plot_min_params(summary, path):
         if lost:
             ax.plot([int(k) for k in lost], list(lost.values()), '^', mfc='none', color=color, ms=8,
                     label=f'{LABEL[ds]}: none passed (needs more than this)')
+    for ds, color in (('qa', 'C0'), ('qatool', 'C1')):  # the authors' grid, beside ours
+        s = summary.get('compare', {}).get('datasets', {}).get(ds)
+        if s and s['min_params']:
+            exponent = s['loglog_exponent']
+            fitted = f': params ~ facts^{exponent:.2f}' if exponent is not None else ''
+            ax.plot([int(k) for k in s['min_params']], list(s['min_params'].values()), 's--',
+                    color=color, alpha=0.45, mfc='none', label=f"paper's grid, {LABEL[ds]}{fitted}")
+            lost = s['not_reached_max_params_tried']
+            if lost:
+                ax.plot([int(k) for k in lost], list(lost.values()), '^', mfc='none', color=color,
+                        alpha=0.45, ms=8, label=f"paper's grid, {LABEL[ds]}: none passed")
     ax.set(xscale='log', yscale='log', xlabel='facts (4 per person)',
            ylabel=f"smallest model with recall >= {summary['threshold']} (params)",
            title='(a) parameters needed to answer every fact')
@@ -176,7 +244,7 @@ def plot_panels(confs, alpha, path, curve, x, y, title, xlabel, ylabel, hlines):
     for ax, ds in zip(axes, ('qa', 'qatool')):
         curves = defaultdict(list)
         for (d, a, *_), c in confs.items():
-            if d == ds and a == alpha:
+            if d == ds and a == alpha and c[y] is not None:  # None: runs without OOD evaluation
                 curves[c[curve]].append((c[x], c[y]))
         colors = plt.cm.viridis(np.linspace(0, 0.9, max(1, len(curves))))
         for color, (value, points) in zip(colors, sorted(curves.items())):
@@ -218,7 +286,7 @@ def main(argv):
     rows = load(cfg.results)
     if not rows:
         raise SystemExit(f"error: no finished runs in {cfg.results}")
-    confs, summary = summarize(rows, cfg)
+    confs, summary = summarize(rows, cfg, load_paper_grid(cfg.compare) if cfg.compare else None)
     plot_min_params(summary, os.path.join(out_dir, 'params_vs_facts.png'))
     plot_panels(confs, cfg.alpha, os.path.join(out_dir, 'recall_vs_params.png'), curve='n_people',
                 x='num_params', y='recall', title='(b) recall on trained people against model size',
