@@ -2,13 +2,16 @@
 Batched generation with SQL tool interception, and recall evaluation.
 
     python agent.py --out_dir=out/quick --split=ood --n=1000 --show=2
+    python agent.py --out_dir=out/quick --split=ood --records=out/quick/records_ood.jsonl
 
 B dialogs advance together through the KV cache, one token per step. When a lane's assistant
-turn ends with <|database|>, its SQL runs in the sandboxed SqlTool and the answer, followed by
-<|assistant|>, is spliced into that lane in the same forward pass as the other lanes' next
-tokens. A lane stops at <|eod|> or max_new_tokens; finished lanes drop out of the batch.
+turn ends with a tool call (<|database|>), its SQL runs in the sandboxed SqlTool and the answer,
+then the assistant's next turn, is spliced into that lane in the same step as the other lanes'
+next tokens. A lane stops at the end of its dialog (<|eod|>) or at max_new_tokens; once more
+than a quarter of the lanes are done, the finished ones leave the batch.
 """
 import json
+import math
 import os
 import re
 import sys
@@ -18,13 +21,14 @@ from dataclasses import dataclass
 import torch
 
 import configurator
+import dialog
 import tokenizer as tok
-from model import GPT, GPTConfig, pick_device
+from model import DTYPES, GPT, CheckpointError, autocast, check_device, resolve_device, resolve_dtype
 from tool import SqlTool
 
 DEFAULTS = dict(
-    out_dir='out',           # the checkpoint to load (out_dir/ckpt.pt)
-    data_dir='',             # dataset (questions, people.db); '' = the checkpoint's data_dir
+    out_dir='out',           # the trained model (out_dir/ckpt.pt)
+    data_dir='',             # questions and people.db; '' = the checkpoint's data folder
     db='',                   # another people.db with the same schema; '' = data_dir's
     split='ood',             # 'train' (people trained on) or 'ood' (never seen)
     n=1000,                  # questions to evaluate
@@ -32,11 +36,13 @@ DEFAULTS = dict(
     max_new_tokens=160,      # per lane, tool answers not counted
     temperature=0.0,         # 0: greedy
     top_k=0,                 # >0: sample among the k most likely tokens
-    seed=1337,
-    show=0,                  # print this many full dialogs
-    device='auto',
-    dtype='float32',
+    seed=1337,               # seeds the sampling
+    show=0,                  # print this many full dialogs (stderr)
+    records='',              # write one JSON line per question to this file
+    device='auto',           # 'auto', 'cpu', 'cuda', 'cuda:1', ...
+    dtype='auto',            # 'auto' (bfloat16 on CUDA, float32 on CPU), 'float32', 'bfloat16'
 )
+CHECKS = dict(split=('train', 'ood'), device=check_device, dtype=DTYPES)
 
 
 @dataclass
@@ -45,13 +51,8 @@ class Lane:
     text: str
     tool_calls: int = 0
     tool_errors: int = 0
-    finished: bool = False   # reached <|eod|> (else ran out of tokens)
+    finished: bool = False   # reached the end of the dialog (else ran out of tokens)
     generated: int = 0       # tokens the model wrote (the prompt and tool answers not counted)
-
-
-def final_answer(text):
-    """The assistant's last turn, without its special tokens."""
-    return text.rsplit('<|assistant|>', 1)[-1].split('<|eod|>')[0]
 
 
 def is_correct(answer, expected):
@@ -61,21 +62,26 @@ def is_correct(answer, expected):
 
 
 class Agent:
-    def __init__(self, model, tokenizer, sql_tool=None, cache_dtype=None):
-        self.model, self.tok, self.tool = model, tokenizer, sql_tool
+    def __init__(self, model, tokenizer, fmt, sql_tool=None, cache_dtype=None):
+        self.model, self.tok, self.fmt, self.tool = model, tokenizer, fmt, sql_tool
         self.cache_dtype = cache_dtype  # None: the model's (bfloat16 on GPU halves the cache)
-        self.user, self.assistant, self.database, self.eod = tokenizer.special_ids
+        ids = dict(zip(fmt.special_tokens, tokenizer.special_ids))
+        self.end_id, self.call_id = ids[fmt.end], ids[fmt.tool_call]
 
-    def _tool_answer(self, turn_ids):
-        """The tokens spliced after <|database|>: the tool's text, then <|assistant|>."""
-        text, ok = self.tool(self.tok.decode_bytes(turn_ids))
-        return self.tok.encode(text) + [self.assistant], ok
+    def _tool_answer(self, sql_ids):
+        """The tokens spliced after a tool call: the database's text, then the assistant's turn.
+        The database's text is data: a special token spelt out in it stays plain text."""
+        result, ok = self.tool(self.tok.decode_bytes(sql_ids))
+        fmt, tok = self.fmt, self.tok
+        return tok.encode(fmt.tool_open) + tok.encode_ordinary(result) + tok.encode(fmt.tool_close), ok
 
     @torch.no_grad()
-    def run(self, questions, max_new_tokens=160, temperature=0.0, top_k=0, seed=1337):
-        """Answer a batch of questions -> one Lane per question, in order."""
-        device, max_len = self.model.embed.weight.device, self.model.config.block_size
-        prompts = [self.tok.encode(f'<|user|>{q}<|assistant|>') for q in questions]
+    def run(self, questions, max_new_tokens=160, temperature=0.0, top_k=0, seed=1337, on_step=None):
+        """Answer a batch of questions -> one Lane per question, in order. on_step(n) is called
+        after every step with the number of lanes finished so far."""
+        model = self.model
+        device, max_len = model.embed.weight.device, model.config.block_size
+        prompts = [self.tok.encode(self.fmt.prompt(q)) for q in questions]
         B = len(prompts)
         length = torch.tensor([len(p) for p in prompts], device=device)  # tokens in each lane
         if int(length.max()) >= max_len:
@@ -84,9 +90,8 @@ class Agent:
         tokens = torch.zeros(B, max_len, dtype=torch.long, device=device)  # every lane's dialog
         for b, p in enumerate(prompts):
             tokens[b, :len(p)] = torch.tensor(p)
-        cache = self.model.new_cache(B, max_len, dtype=self.cache_dtype)
-        logits = self.model.extend(tokens[:, :int(length.max())], cache, torch.zeros_like(length), length)
-        cached = length.clone()                  # tokens of each lane already in the cache
+        model.setup_cache(B, max_len, dtype=self.cache_dtype)
+        logits = model.prefill(tokens[:, :int(length.max())], length)
         rows = torch.arange(B, device=device)    # the lane held in each cache row
         live = torch.ones(B, dtype=torch.bool, device=device)  # cache rows still generating
         generated = torch.zeros(B, dtype=torch.long, device=device)
@@ -94,6 +99,7 @@ class Agent:
         turn_start = length.clone()              # where each lane's assistant turn began
         tool_calls, tool_errors = [0] * B, [0] * B
         generator = torch.Generator(device=device).manual_seed(seed)
+        n_done = 0
         while True:
             live_rows = live.nonzero().squeeze(1)
             lane = rows[live_rows]
@@ -101,20 +107,23 @@ class Agent:
             tokens[lane, length[lane]] = new
             length[lane] += 1
             generated[lane] += 1
-            finished[lane[new == self.eod]] = True
-            stop = (new == self.eod) | (generated[lane] >= max_new_tokens) | (length[lane] >= max_len)
-            calls = (new == self.database) & ~stop if self.tool else torch.zeros_like(stop)
+            finished[lane[new == self.end_id]] = True
+            stop = (new == self.end_id) | (generated[lane] >= max_new_tokens) | (length[lane] >= max_len)
+            calls = (new == self.call_id) & ~stop if self.tool else torch.zeros_like(stop)
             call_rows = calls.nonzero().squeeze(1)
             if len(call_rows):
                 stop[call_rows] = self._call_tool(lane[call_rows], tokens, length, turn_start,
                                                   tool_calls, tool_errors)
             live[live_rows[stop]] = False
-            if not live.any():
+            n_done += int(stop.sum())
+            if on_step:
+                on_step(n_done)
+            if n_done == B:
                 break
             if 4 * int((~live).sum()) > len(live):  # mostly finished rows: shrink the cache
-                cache.k, cache.v = [k[live] for k in cache.k], [v[live] for v in cache.v]
+                model.keep_lanes(live)
                 rows, live = rows[live], live[live]
-            logits = self._advance(tokens, length, cached, cache, rows, live)
+            logits = self._advance(tokens, length, rows, live)
         return [Lane(text=self.tok.decode(tokens[b, :length[b]].tolist()), tool_calls=tool_calls[b],
                      tool_errors=tool_errors[b], finished=bool(finished[b]), generated=int(generated[b]))
                 for b in range(B)]
@@ -129,8 +138,8 @@ class Agent:
         no_room = torch.zeros(len(lanes), dtype=torch.bool, device=lanes.device)
         dialogs = tokens[lanes].tolist()
         starts, ends = turn_start[lanes].tolist(), length[lanes].tolist()
-        for i, (b, dialog, start, end) in enumerate(zip(lanes.tolist(), dialogs, starts, ends)):
-            answer, ok = self._tool_answer(dialog[start:end - 1])  # the SQL, less <|database|>
+        for i, (b, dialog_ids, start, end) in enumerate(zip(lanes.tolist(), dialogs, starts, ends)):
+            answer, ok = self._tool_answer(dialog_ids[start:end - 1])  # the SQL, less the call token
             tool_calls[b] += 1
             tool_errors[b] += not ok
             if end + len(answer) >= max_len:
@@ -140,25 +149,22 @@ class Agent:
             length[b] = turn_start[b] = end + len(answer)
         return no_room
 
-    def _advance(self, tokens, length, cached, cache, rows, live):
+    def _advance(self, tokens, length, rows, live):
         """Feed the cache what the lanes wrote since the last step -> next-token logits per row.
 
-        Every live lane's sampled token goes in one step (dead rows add nothing); then the tool
-        answers, in a second step over just the lanes that got one.
+        Every live lane's sampled token goes in one step (finished rows add nothing); then the
+        tool answers, in a second step over just the rows that got one.
         """
-        max_len = tokens.size(1)
-        n_new = live.long()
-        step = tokens[rows, cached[rows].clamp(max=max_len - 1)][:, None]
-        logits = self.model.extend(step, cache, cached[rows], n_new)
-        cached[rows] += n_new
-        spliced = (live & (length[rows] > cached[rows])).nonzero().squeeze(1)
+        model, max_len = self.model, tokens.size(1)
+        step = tokens[rows, model.cache_lengths.clamp(max=max_len - 1)][:, None]
+        logits = model.decode(step, live.long())
+        spliced = (live & (length[rows] > model.cache_lengths)).nonzero().squeeze(1)
         if len(spliced):
-            lane = rows[spliced]
-            n_new = length[lane] - cached[lane]
-            offsets = cached[lane, None] + torch.arange(int(n_new.max()), device=tokens.device)
+            lane, cached = rows[spliced], model.cache_lengths[spliced]
+            n_new = length[lane] - cached
+            offsets = cached[:, None] + torch.arange(int(n_new.max()), device=tokens.device)
             step = tokens[lane[:, None], offsets.clamp(max=max_len - 1)]
-            logits[spliced] = self.model.extend(step, cache, cached[lane], n_new, rows=spliced)
-            cached[lane] += n_new
+            logits[spliced] = model.decode(step, n_new, rows=spliced)
         return logits
 
     @staticmethod
@@ -175,19 +181,32 @@ class Agent:
 # ----------------------------------------------------------------------------------------------
 # Loading a trained model, and evaluation
 
-def load_checkpoint(out_dir, device):
-    """-> (model in eval mode, checkpoint dict). Clear errors for a missing or foreign file."""
-    path = os.path.join(out_dir, 'ckpt.pt')
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path}: train one with python train.py "
-                                f"config/quick.py --out_dir={out_dir}")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
-        model = GPT(GPTConfig(**ckpt['model_args']))
-        model.load_state_dict(ckpt['model'])
-    except Exception as e:  # a truncated or foreign file: say which and why, not a traceback
-        raise ValueError(f"{path} is not a usable nano-itl checkpoint: {type(e).__name__}: {e}") from None
-    return model.to(device).eval(), ckpt
+def checkpoint_data_dir(ckpt, out_dir):
+    """The data folder a checkpoint was trained on: next to out_dir as it was when saved (so a
+    copied or moved pair of folders still works), else the path its config names."""
+    candidates = [os.path.normpath(os.path.join(out_dir, ckpt['data_dir']))] if 'data_dir' in ckpt else []
+    candidates.append(ckpt['config']['data_dir'])
+    for path in candidates:
+        if os.path.isdir(path):
+            return path
+    raise FileNotFoundError(f"the data folder {out_dir} was trained on is not at "
+                            f"{' nor '.join(candidates)}: pass --data_dir=FOLDER")
+
+
+def load_trained(out_dir, device, data_dir=''):
+    """-> (model in eval mode, checkpoint, data folder): what agent.py, sample.py and the
+    benches start from."""
+    model, ckpt = GPT.from_checkpoint(out_dir, device)
+    return model, ckpt, data_dir or checkpoint_data_dir(ckpt, out_dir)
+
+
+def make_agent(model, tokenizer_meta, db_path, dataset, dtype='float32'):
+    """In-tool models get the SQL tool; in-weight ones answer from memory, with no tool turn.
+    tokenizer_meta: what a checkpoint keeps of its data (train.tokenizer_meta)."""
+    tokenizer = tok.from_meta(tokenizer_meta['tokenizer'])
+    fmt = dialog.get(tokenizer_meta.get('format', 'itl'))
+    sql_tool = SqlTool(db_path) if 'qatool' in dataset else None
+    return Agent(model, tokenizer, fmt, sql_tool, cache_dtype=getattr(torch, dtype))
 
 
 def read_questions(data_dir, split, n):
@@ -203,55 +222,93 @@ def read_questions(data_dir, split, n):
     return questions
 
 
-def make_agent(model, tokenizer_meta, db_path, dataset, dtype='float32'):
-    """In-tool models get the SQL tool; in-weight ones answer from memory, with no tool turn."""
-    tokenizer = tok.from_meta(tokenizer_meta)
-    sql_tool = SqlTool(db_path) if 'qatool' in dataset else None
-    return Agent(model, tokenizer, sql_tool, cache_dtype=getattr(torch, dtype))
+def wilson_interval(k, n, z=1.96):
+    """95% interval of a proportion k / n (Wilson's score interval: sound near 0 and 1)."""
+    if n == 0:
+        return 0.0, 1.0
+    p, z2 = k / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def evaluate(agent, questions, batch_size=1024, **sampling):
-    """Run the questions in batches -> (metrics dict, lanes)."""
-    t0, lanes = time.time(), []
+class Progress:
+    """A line on stderr every few seconds of a long job: done, rate, time left."""
+
+    def __init__(self, total, what, every_s=3.0):
+        self.total, self.what, self.every_s = total, what, every_s
+        self.t0 = self.last = time.time()
+
+    def update(self, done):
+        now = time.time()
+        if now - self.last >= self.every_s and done:
+            rate = done / (now - self.t0)
+            print(f"{self.what} {done:,}/{self.total:,} | {rate:,.0f}/s | "
+                  f"eta {(self.total - done) / rate:.0f}s", file=sys.stderr, flush=True)
+            self.last = now
+
+
+def record(question, lane, fmt):
+    """One question's evaluation record: what was asked and expected, what the model did."""
+    turns = fmt.turns(lane.text)
+    answer = fmt.final_answer(lane.text)
+    return {'question': question['question'], 'expected': question['answer'],
+            'sql': [c for role, c in turns if role == 'sql'],
+            'database': [c for role, c in turns if role == 'database'],
+            'answer': answer, 'correct': is_correct(answer, question['answer']),
+            'tool_calls': lane.tool_calls, 'tool_errors': lane.tool_errors, 'finished': lane.finished}
+
+
+def evaluate(agent, questions, batch_size=1024, records='', **sampling):
+    """Run the questions in batches -> (metrics dict, lanes); records: a JSONL file to write."""
+    t0, lanes, progress = time.time(), [], Progress(len(questions), 'questions')
     for i in range(0, len(questions), batch_size):
-        lanes += agent.run([q['question'] for q in questions[i:i + batch_size]], **sampling)
+        lanes += agent.run([q['question'] for q in questions[i:i + batch_size]],
+                           on_step=lambda done: progress.update(i + done), **sampling)
     elapsed = time.time() - t0
-    correct = [is_correct(final_answer(lane.text), q['answer']) for lane, q in zip(lanes, questions)]
-    new_tokens = sum(lane.generated for lane in lanes)
-    metrics = {'accuracy': sum(correct) / max(1, len(correct)), 'n': len(questions),
-               'prompts_per_s': round(len(questions) / elapsed, 1),
-               'tokens_per_s': round(new_tokens / elapsed, 1),
-               'tool_calls': sum(l.tool_calls for l in lanes),
-               'tool_errors': sum(l.tool_errors for l in lanes)}
+    rows = [record(q, lane, agent.fmt) for q, lane in zip(questions, lanes)]
+    if records:
+        with open(records + '.tmp', 'w') as f:
+            f.writelines(json.dumps(r) + '\n' for r in rows)
+        os.replace(records + '.tmp', records)
+    right = sum(r['correct'] for r in rows)
+    low, high = wilson_interval(right, len(rows))
+    metrics = {'accuracy': right / max(1, len(rows)), 'accuracy_95': [round(low, 4), round(high, 4)],
+               'n': len(questions), 'prompts_per_s': round(len(questions) / elapsed, 1),
+               'tokens_per_s': round(sum(lane.generated for lane in lanes) / elapsed, 1),
+               'tool_calls': sum(lane.tool_calls for lane in lanes),
+               'tool_errors': sum(lane.tool_errors for lane in lanes)}
     return metrics, lanes
 
 
-def recall_metrics(model, data_dir, meta, dataset, n, device):
+def recall_metrics(model, data_dir, meta, dataset, n):
     """train.py's periodic recall: accuracy on n questions about trained and about OOD people."""
-    agent = make_agent(model, meta['tokenizer'], os.path.join(data_dir, 'people.db'), dataset)
+    tokenizer_meta = {'tokenizer': meta['tokenizer'], 'format': meta.get('format', 'itl')}
+    bot = make_agent(model, tokenizer_meta, os.path.join(data_dir, 'people.db'), dataset)
     out = {}
     for split, key in (('train', 'recall'), ('ood', 'recall_ood')):
-        out[key] = evaluate(agent, read_questions(data_dir, split, n))[0]['accuracy']
+        out[key] = evaluate(bot, read_questions(data_dir, split, n))[0]['accuracy']
     out['recall_min'] = min(out['recall'], out['recall_ood'])
     return out
 
 
 def main(argv):
-    cfg = configurator.main_parse(DEFAULTS, argv)
-    device = pick_device(cfg.device)
+    cfg = configurator.main_parse(DEFAULTS, argv, checks=CHECKS)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
     try:
-        model, ckpt = load_checkpoint(cfg.out_dir, device)
-        data_dir = cfg.data_dir or ckpt['config']['data_dir']
-        agent = make_agent(model, ckpt['tokenizer']['tokenizer'], cfg.db or os.path.join(data_dir, 'people.db'),
-                           ckpt['config']['dataset'], cfg.dtype)
+        model, ckpt, data_dir = load_trained(cfg.out_dir, device, cfg.data_dir)
+        bot = make_agent(model, ckpt['tokenizer'], cfg.db or os.path.join(data_dir, 'people.db'),
+                         ckpt['config']['dataset'], dtype)
         questions = read_questions(data_dir, cfg.split, cfg.n)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, CheckpointError) as e:
         raise SystemExit(f"error: {e}")
-    with torch.autocast(device.split(':')[0], dtype=torch.bfloat16, enabled=cfg.dtype == 'bfloat16'):
-        metrics, lanes = evaluate(agent, questions, cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
-                                  temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.seed)
+    with autocast(device, dtype):
+        metrics, lanes = evaluate(bot, questions, cfg.batch_size, cfg.records,
+                                  max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                  top_k=cfg.top_k, seed=cfg.seed)
     for lane, q in list(zip(lanes, questions))[:cfg.show]:
-        verdict = 'right' if is_correct(final_answer(lane.text), q['answer']) else 'wrong'
+        verdict = 'right' if is_correct(bot.fmt.final_answer(lane.text), q['answer']) else 'wrong'
         print(f"--- {verdict} (expected {q['answer']})\n{lane.text}", file=sys.stderr)
     print(json.dumps({'split': cfg.split, **metrics}))
 

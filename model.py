@@ -4,16 +4,22 @@ A Llama-style GPT, small enough to read in one sitting.
 token embedding -> n_layer x [RMSNorm -> causal self-attention with RoPE -> residual,
 RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm -> output projection. No biases.
 
+Three entry points, each returning one kind of thing:
+    forward(idx, targets)        -> (logits (B, T, vocab), loss): nanoGPT's contract
+    packed_loss(idx, targets, loss_mask, doc_ids) -> loss: training on rows packed with dialogs
+    setup_cache, then prefill / decode -> next-token logits per lane: generation with a KV cache
+
 Several dialogs may share a row: `doc_ids` (B, T) says which dialog each token belongs to, and
 attention never crosses from one to another. RoPE makes attention depend only on relative
 positions, so a dialog packed at offset 100 of a row computes exactly what it would at offset 0.
 
 The PyTorch functions below are the reference; kernels.py holds fused Triton versions of the
-same math, used on CUDA when `kernels` is 'auto' or 'triton'. Both paths share every parameter.
+same math under the same names. Which of the two the model runs is decided when its weights are
+placed on a device (`kernel_ops`), not on every call. Both paths share every parameter.
 """
-import contextlib
-import copy
 import math
+import os
+import types
 import warnings
 from dataclasses import dataclass
 
@@ -48,17 +54,68 @@ class GPTConfig:
             raise ValueError(f"n_embd {self.n_embd} must split into {self.n_head} heads of even size")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head {self.n_head} must be a multiple of n_kv_head {self.n_kv_head}")
-        if self.kernels not in ('auto', 'triton', 'torch'):
-            raise ValueError(f"kernels must be 'auto', 'triton' or 'torch', got {self.kernels!r}")
+        if self.kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
+
+
+KERNELS = ('auto', 'triton', 'torch')
 
 
 # ----------------------------------------------------------------------------------------------
-# PyTorch reference functions (kernels.py must match these)
+# Devices and dtypes: one resolver for every script
+
+DTYPES = ('auto', 'float32', 'bfloat16')
+
+
+def check_device(name):
+    """None when `name` is a device this machine has, else why not (for configurator checks)."""
+    if name in ('auto', 'cpu'):
+        return None
+    if name == 'cuda' or name.startswith('cuda:'):
+        index = name[5:] or '0'
+        if not index.isdigit():
+            return "write cuda:N with N a GPU's number"
+        if not torch.cuda.is_available():
+            return 'CUDA is not available on this machine: use --device=cpu (or auto)'
+        if int(index) >= torch.cuda.device_count():
+            return f'this machine has {torch.cuda.device_count()} GPU(s): cuda:0 to cuda:{torch.cuda.device_count() - 1}'
+        return None
+    return "not a device: use auto, cpu, cuda or cuda:N"
+
+
+def resolve_device(name):
+    """'auto' -> 'cuda' when a GPU is there, else 'cpu'; any other valid name as given."""
+    problem = check_device(name)
+    if problem:
+        raise ValueError(f"device {name!r}: {problem}")
+    return name if name != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
+
+
+def resolve_dtype(name, device):
+    """'auto' -> 'bfloat16' on CUDA, 'float32' on CPU (bfloat16 is slow on CPUs without AMX)."""
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r}: use one of {', '.join(DTYPES)}")
+    return name if name != 'auto' else ('bfloat16' if device.startswith('cuda') else 'float32')
+
+
+def autocast(device, dtype):
+    """The context a model runs in: bfloat16 autocast, or plain float32."""
+    return torch.autocast(device.split(':')[0], dtype=torch.bfloat16, enabled=dtype == 'bfloat16')
+
+
+# ----------------------------------------------------------------------------------------------
+# PyTorch reference functions (kernels.py has fused versions under the same names)
 
 def rms_norm(x, weight, eps):
     """x / rms(x) * weight, computed in float32 and cast back (the numerical spec)."""
     xf = x.float()
     return (xf * torch.rsqrt((xf * xf).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+
+
+def add_rms_norm(x, residual, weight, eps):
+    """-> (x + residual, rms_norm(x + residual))."""
+    x = x + residual
+    return x, rms_norm(x, weight, eps)
 
 
 def rope_table(head_dim, length, theta, device=None):
@@ -74,22 +131,47 @@ def apply_rope(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
 
+def rope(q, k, cos, sin):
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+
 def swiglu(a, b):
     return F.silu(a) * b
 
 
-def masked_cross_entropy(h, weight, targets, loss_mask):
-    """Mean cross-entropy of (h @ weight.T) over positions where loss_mask is true (all when
-    None), and the logits (..., vocab). Targets where the mask is false are never read."""
-    logits = F.linear(h, weight)
+def cross_entropy(logits, targets, loss_mask=None):
+    """Mean cross-entropy over positions where loss_mask is true (all when None); targets where
+    the mask is false are never read."""
     targets = targets.long()
     if loss_mask is not None:
         targets = targets.masked_fill(~loss_mask, -100)  # F.cross_entropy's ignore_index
-    return F.cross_entropy(logits.float().flatten(0, -2), targets.reshape(-1)), logits
+    return F.cross_entropy(logits.float().flatten(0, -2), targets.reshape(-1))
+
+
+def linear_cross_entropy(h, weight, targets, loss_mask=None):
+    """cross_entropy of the logits h @ weight.T (the fused kernel never materialises them)."""
+    return cross_entropy(F.linear(h, weight), targets, loss_mask)
+
+
+TORCH_OPS = types.SimpleNamespace(rms_norm=rms_norm, add_rms_norm=add_rms_norm, rope=rope,
+                                  swiglu=swiglu, linear_cross_entropy=linear_cross_entropy)
+
+
+def kernel_ops(kernels, device):
+    """The ops a model on `device` runs: kernels.py's when asked for ('auto', 'triton') and
+    possible (CUDA and an importable triton; or Triton's CPU interpreter, for tests), else the
+    PyTorch references. kernels='triton' where it is not possible warns and runs PyTorch."""
+    if kernels == 'torch':
+        return TORCH_OPS
+    if triton_kernels is not None and (device.type == 'cuda' or triton_kernels.INTERPRET):
+        return triton_kernels
+    if kernels == 'triton':
+        warnings.warn("kernels='triton' but Triton is unavailable here: using PyTorch")
+    return TORCH_OPS
 
 
 def padded_count(n):
-    """n rounded up to one of a few sizes, at most 1/32 more.
+    """n rounded up to one of a few sizes: at most 1/32 more, or 63 more below 2,048.
 
     Packed batches hold a different number of tokens every step, and oneDNN compiles a new
     bfloat16 matmul kernel for every new shape: ~3 ms a call on CPU, where the matmul itself takes
@@ -179,52 +261,25 @@ class DialogLayout:
 
 
 # ----------------------------------------------------------------------------------------------
-# Modules
-
-_warned = set()
-
-
-def pick_device(name):
-    """'auto' -> 'cuda' when a GPU is there, else 'cpu'; any other name as given."""
-    return name if name != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
-
-
-def use_triton(kernels, x):
-    """Triton when asked for (or 'auto') and possible: a CUDA tensor and an importable triton."""
-    if kernels == 'torch':
-        return False
-    ok = triton_kernels is not None and (x.is_cuda or triton_kernels.INTERPRET)
-    if not ok and kernels == 'triton' and 'triton' not in _warned:
-        _warned.add('triton')
-        warnings.warn("kernels='triton' but Triton is unavailable here: using PyTorch")
-    return ok
-
+# Modules. Each module with math that has a fused version holds `ops` (TORCH_OPS or kernels.py),
+# set by GPT whenever its weights move to a device.
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim, eps, kernels):
+    def __init__(self, dim, eps):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
-        self.eps, self.kernels = eps, kernels
+        self.eps, self.ops = eps, TORCH_OPS
 
     def forward(self, x):
-        if use_triton(self.kernels, x):
-            return triton_kernels.rms_norm(x, self.weight, self.eps)
-        return rms_norm(x, self.weight, self.eps)
+        return self.ops.rms_norm(x, self.weight, self.eps)
 
 
-class KVCache:
-    """Keys and values of every lane, shape (B, n_kv_head, max_len + 1, hd) per layer.
-
-    Slot max_len is a dump: padding tokens of a lane that appends fewer tokens than the others
-    are written there and never read, so every lane's cache stays exact.
-    """
-
-    def __init__(self, config, batch_size, max_len, device, dtype):
-        hd = config.n_embd // config.n_head
-        shape = (batch_size, config.n_kv_head, max_len + 1, hd)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.max_len = max_len
+@dataclass
+class DecodeStep:
+    """Where the new tokens of one decode call go, computed once for every layer."""
+    write_pos: torch.Tensor  # (B, S) cache slot of each new token; padding goes to the dump slot
+    attn_mask: torch.Tensor  # (B, 1, S, context) which cached keys each new token sees
+    rows: torch.Tensor = None  # the cache rows of these lanes (None: every row)
 
 
 class CausalSelfAttention(nn.Module):
@@ -236,42 +291,55 @@ class CausalSelfAttention(nn.Module):
         self.k_proj = nn.Linear(config.n_embd, config.n_kv_head * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.n_embd, config.n_kv_head * self.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_head * self.head_dim, config.n_embd, bias=False)
-        self.kernels = config.kernels
+        self.ops = TORCH_OPS
+        self.k_cache = self.v_cache = None  # (lanes, n_kv_head, max_len + 1, hd): setup_cache
 
-    def forward(self, x, cos, sin, attn_mask=None, layout=None, cache=None, layer=0, write_pos=None):
-        """x (B, T, C), or (S, C): the slots of a DialogLayout, for packed training rows."""
+    def forward(self, x, cos, sin, layout=None, step=None):
+        """x (B, T, C): causal rows, or new tokens of cached lanes with `step`; or (S, C): the
+        slots of a DialogLayout (packed training rows)."""
         if layout is not None:
             S, C = x.shape
             q = self.q_proj(x).view(S, self.n_head, self.head_dim)       # (S, nh, hd)
             k = self.k_proj(x).view(S, self.n_kv_head, self.head_dim)    # (S, nkv, hd)
             v = self.v_proj(x).view(S, self.n_kv_head, self.head_dim)
-            q, k = self.rope(q, k, cos, sin)
+            q, k = self.ops.rope(q, k, cos, sin)
             return self.o_proj(layout.attend(q, k, v))
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k = self.rope(q, k, cos, sin)
-        if cache is not None:  # write this step's keys/values, then attend over the whole cache
-            index = write_pos[:, None, :, None].expand(B, self.n_kv_head, T, self.head_dim)
-            cache.k[layer].scatter_(2, index, k.to(cache.k[layer].dtype))
-            cache.v[layer].scatter_(2, index, v.to(cache.v[layer].dtype))
-            context = attn_mask.size(-1)
-            k, v = cache.k[layer][:, :, :context], cache.v[layer][:, :, :context]
-            q = q.to(k.dtype)  # under autocast the projections come out in bfloat16
-        if self.n_kv_head != self.n_head:  # grouped-query attention: share each kv head
-            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        if attn_mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        q, k = self.ops.rope(q, k, cos, sin)
+        if step is None:
+            y = F.scaled_dot_product_attention(q, self.share_kv(k), self.share_kv(v), is_causal=True)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).to(x.dtype)
+            y = self.attend_cache(q, k, v, step).to(x.dtype)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
 
-    def rope(self, q, k, cos, sin):
-        if use_triton(self.kernels, q):
-            return triton_kernels.rope(q, k, cos, sin)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    def share_kv(self, t):
+        """Grouped-query attention: each kv head serves n_head / n_kv_head query heads."""
+        return t if self.n_kv_head == self.n_head else t.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+
+    def setup_cache(self, batch_size, max_len, device, dtype):
+        # slot max_len is a dump: padding tokens of a lane that appends fewer tokens than the
+        # others are written there and never read, so every lane's cache stays exact
+        shape = (batch_size, self.n_kv_head, max_len + 1, self.head_dim)
+        self.k_cache = torch.zeros(shape, device=device, dtype=dtype)
+        self.v_cache = torch.zeros(shape, device=device, dtype=dtype)
+
+    def attend_cache(self, q, k, v, step):
+        """Write the new keys and values into their lanes' cache rows, then attend over them."""
+        k_cache, v_cache = self.k_cache, self.v_cache
+        if step.rows is not None:  # a copy of those rows, put back below
+            k_cache, v_cache = k_cache[step.rows], v_cache[step.rows]
+        index = step.write_pos[:, None, :, None].expand(*k.shape)
+        k_cache.scatter_(2, index, k.to(k_cache.dtype))
+        v_cache.scatter_(2, index, v.to(v_cache.dtype))
+        if step.rows is not None:
+            self.k_cache[step.rows], self.v_cache[step.rows] = k_cache, v_cache
+        context = step.attn_mask.size(-1)
+        k, v = self.share_kv(k_cache[:, :, :context]), self.share_kv(v_cache[:, :, :context])
+        # under autocast the projections come out in bfloat16: attend in the cache's dtype
+        return F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=step.attn_mask)
 
 
 class MLP(nn.Module):
@@ -280,32 +348,27 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.n_embd, config.mlp_hidden, bias=False)
         self.up_proj = nn.Linear(config.n_embd, config.mlp_hidden, bias=False)
         self.down_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=False)
-        self.kernels = config.kernels
+        self.ops = TORCH_OPS
 
     def forward(self, x):
-        a, b = self.gate_proj(x), self.up_proj(x)
-        h = triton_kernels.swiglu(a, b) if use_triton(self.kernels, x) else swiglu(a, b)
-        return self.down_proj(h)
+        return self.down_proj(self.ops.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.attn_norm = RMSNorm(config.n_embd, config.norm_eps, config.kernels)
+        self.attn_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.attn = CausalSelfAttention(config)
-        self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps, config.kernels)
+        self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
+        self.ops = TORCH_OPS
 
-    def forward(self, x, cos, sin, attn_mask=None, keep=None, **kwargs):
+    def forward(self, x, cos, sin, layout=None, step=None, keep=None):
         """keep: the rows whose output is needed (all when None); attention still reads every row."""
-        y = self.attn(self.attn_norm(x), cos, sin, attn_mask, **kwargs)
+        y = self.attn(self.attn_norm(x), cos, sin, layout, step)
         if keep is not None:
             x, y = x[keep], y[keep]
-        if use_triton(self.mlp_norm.kernels, x):  # residual add and norm fused: one pass over x
-            x, h = triton_kernels.add_rms_norm(x, y, self.mlp_norm.weight, self.mlp_norm.eps)
-        else:
-            x = x + y
-            h = self.mlp_norm(x)
+        x, h = self.ops.add_rms_norm(x, y, self.mlp_norm.weight, self.mlp_norm.eps)  # one pass over x
         return x + self.mlp(h)
 
 
@@ -315,14 +378,16 @@ class GPT(nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.n_embd)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.norm = RMSNorm(config.n_embd, config.norm_eps, config.kernels)
+        self.norm = RMSNorm(config.n_embd, config.norm_eps)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         cos, sin = rope_table(config.n_embd // config.n_head, config.block_size, config.rope_theta)
         self.register_buffer('rope_cos', cos, persistent=False)
         self.register_buffer('rope_sin', sin, persistent=False)
+        self.ops = TORCH_OPS
         self.init_weights()
+        self._pick_ops()
 
     def init_weights(self, std=0.02):
         """nanoGPT's init: N(0, 0.02), residual projections scaled down by depth."""
@@ -334,90 +399,148 @@ class GPT(nn.Module):
             else:
                 nn.init.normal_(p, std=std)
 
+    def _apply(self, fn, *args, **kwargs):
+        """.to(), .cuda(), .cpu() all pass here: the weights moved, so pick the kernels again."""
+        super()._apply(fn, *args, **kwargs)
+        self._pick_ops()
+        return self
+
+    def _pick_ops(self):
+        ops = kernel_ops(self.config.kernels, self.embed.weight.device)
+        for module in self.modules():
+            if hasattr(module, 'ops'):
+                module.ops = ops
+
+    @classmethod
+    def from_checkpoint(cls, path, device='cpu', kernels=None):
+        """A trained model from out_dir (or its ckpt.pt) -> (model in eval mode, checkpoint).
+        kernels: another choice than the saved one (the weights are the same either way)."""
+        ckpt = load_checkpoint(path)
+        args = {**ckpt['model_args'], **({'kernels': kernels} if kernels else {})}
+        try:
+            model = cls(GPTConfig(**args))
+            model.load_state_dict(ckpt['model'])
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: its weights do not fit its model_args "
+                                  f"({_first_line(e)})") from None
+        return model.to(device).eval(), ckpt
+
     def num_params(self):
         """Every parameter, embeddings included (the number the paper reports)."""
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, targets=None, loss_mask=None, doc_ids=None):
-        """idx (B, T) -> (logits, loss).
-
-        doc_ids (B, T): which dialog of its row each token belongs to, -1 for padding; attention
-        then stays within dialogs and padding is skipped. Without targets: logits (B, T, vocab)
-        (zeros at padding). With targets: the mean cross-entropy over positions where loss_mask
-        is true (all real positions when None), and logits: (B, T, vocab) without doc_ids; with
-        them (n, vocab) of just the loss positions and a few others that round n up, in no
-        particular order, since the last block and the output layer run on those rows only.
-        None when the fused kernel never materialises them.
-        """
-        B, T = idx.shape
+    def _check_length(self, T):
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens, block_size is {self.config.block_size}")
-        if doc_ids is None:  # one sequence per row: plain causal attention
-            layout, x = None, self.embed(idx)
-            cos, sin = self.rope_cos[:T], self.rope_sin[:T]                       # (T, hd/2)
-        else:
-            layout = DialogLayout(doc_ids)
-            x = self.embed(layout.gather(idx))                                    # (S, C)
-            cos, sin = self.rope_cos[layout.pos][:, None], self.rope_sin[layout.pos][:, None]  # (S, 1, hd/2)
-        keep = None  # slots the last block computes past its attention: all, or those with a loss
-        if targets is not None and layout is not None:  # padding slots carry no loss
-            loss_mask = layout.real if loss_mask is None else layout.gather(loss_mask) & layout.real
-            keep = layout.loss_rows(loss_mask)
-            targets, loss_mask = layout.gather(targets)[keep], loss_mask[keep]
-        for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, layout=layout, keep=keep if i == len(self.blocks) - 1 else None)
-        x = self.norm(x)
-        if targets is None:
-            if layout is None:
-                return self.lm_head(x), None
-            logits = self.lm_head(x[layout.token_slot])
-            return logits.new_zeros(B * T, logits.size(-1)).index_copy(0, layout.token_index, logits).view(B, T, -1), None
-        if use_triton(self.config.kernels, x):
-            return None, triton_kernels.linear_cross_entropy(x, self.lm_head.weight, targets, loss_mask)
-        loss, logits = masked_cross_entropy(x, self.lm_head.weight, targets, loss_mask)
-        return logits, loss
 
     # ------------------------------------------------------------------------------------------
-    # Inference with a KV cache: lanes of different lengths advance together
+    # Training and scoring
 
-    def new_cache(self, batch_size, max_len=None, device=None, dtype=None):
-        p = self.embed.weight
-        return KVCache(self.config, batch_size, max_len or self.config.block_size,
-                       device or p.device, dtype or p.dtype)
+    def forward(self, idx, targets=None, loss_mask=None, doc_ids=None):
+        """idx (B, T) -> (logits (B, T, vocab), loss; None without targets).
+
+        loss: the mean cross-entropy over positions where loss_mask is true (all when None).
+        doc_ids (B, T): which dialog of its row each token belongs to, -1 for padding; attention
+        then stays within dialogs, and padding gets zero logits and no loss.
+        """
+        B, T = idx.shape
+        self._check_length(T)
+        if doc_ids is None:
+            x = self.embed(idx)
+            for block in self.blocks:
+                x = block(x, self.rope_cos[:T], self.rope_sin[:T])
+            logits = self.lm_head(self.norm(x))
+        else:
+            layout = DialogLayout(doc_ids)
+            x = self.norm(self._packed_blocks(idx, layout)[layout.token_slot])          # (N, C)
+            logits = self.lm_head(x)
+            logits = logits.new_zeros(B * T, logits.size(-1)).index_copy(0, layout.token_index, logits)
+            logits = logits.view(B, T, -1)
+            loss_mask = doc_ids >= 0 if loss_mask is None else loss_mask & (doc_ids >= 0)
+        loss = None if targets is None else cross_entropy(logits, targets, loss_mask)
+        return logits, loss
+
+    def packed_loss(self, idx, targets, loss_mask, doc_ids):
+        """forward's loss on packed rows, for training: no logits where there is no loss.
+
+        The last block runs past its attention, and the output layer runs, at the loss positions
+        only (and a few more, padded_count); on CUDA the fused cross-entropy never holds their
+        logits either.
+        """
+        self._check_length(idx.size(1))
+        layout = DialogLayout(doc_ids)
+        loss_mask = layout.real if loss_mask is None else layout.gather(loss_mask) & layout.real  # (S,)
+        keep = layout.loss_rows(loss_mask)
+        x = self.norm(self._packed_blocks(idx, layout, keep))                          # (len(keep), C)
+        return self.ops.linear_cross_entropy(x, self.lm_head.weight, layout.gather(targets)[keep],
+                                             loss_mask[keep])
+
+    def _packed_blocks(self, idx, layout, keep=None):
+        """Every block over the layout's slots -> (S, C); the last one past its attention only
+        at the slots in keep (all when None)."""
+        x = self.embed(layout.gather(idx))                                              # (S, C)
+        cos, sin = self.rope_cos[layout.pos][:, None], self.rope_sin[layout.pos][:, None]  # (S, 1, hd/2)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, layout=layout, keep=keep if i == len(self.blocks) - 1 else None)
+        return x
+
+    # ------------------------------------------------------------------------------------------
+    # Generation with a KV cache: lanes of different lengths advance together
+
+    def setup_cache(self, batch_size, max_len=None, dtype=None):
+        """A KV cache for batch_size lanes of up to max_len tokens (block_size), held by the
+        attention modules. Every lane starts empty; cache_lengths counts its tokens."""
+        max_len = max_len or self.config.block_size
+        self._check_length(max_len)
+        weight = self.embed.weight
+        for block in self.blocks:
+            block.attn.setup_cache(batch_size, max_len, weight.device, dtype or weight.dtype)
+        self.cache_lengths = torch.zeros(batch_size, dtype=torch.long, device=weight.device)
+        self.cache_max_len = max_len
+
+    def keep_lanes(self, keep):
+        """Drop the cache rows where keep (bool per row) is false: finished lanes cost nothing."""
+        for block in self.blocks:
+            block.attn.k_cache, block.attn.v_cache = block.attn.k_cache[keep], block.attn.v_cache[keep]
+        self.cache_lengths = self.cache_lengths[keep]
 
     @torch.no_grad()
-    def extend(self, idx, cache, lengths, n_new, rows=None):
-        """Append tokens to each lane and return the logits after each lane's last new token.
+    def prefill(self, idx, lengths):
+        """Start every lane anew with its prompt: idx (B, T) right-padded, lengths (B,) ->
+        the next-token logits after each prompt (B, vocab)."""
+        self.cache_lengths.zero_()
+        return self.decode(idx, lengths)
 
-        idx (B, S): new tokens, lane b's first n_new[b] are real, the rest padding.
-        lengths (B,): tokens already in lane b's cache. Prefill is lengths = 0, decoding S = 1,
-        splicing a tool's answer into a few lanes is S = the longest answer with rows = the
-        cache rows of those lanes (the others are not computed at all).
-        Returns logits (B, vocab); the caller advances lengths by n_new.
+    @torch.no_grad()
+    def decode(self, idx, n_new=None, rows=None):
+        """Append tokens to lanes -> the next-token logits after each lane's last new one (B, vocab).
+
+        idx (B, S): lane b's first n_new[b] tokens are real (all S when None), the rest padding;
+        a lane given none adds nothing. rows: the cache rows of these B lanes (None: every row),
+        so splicing a tool's answer into a few lanes computes those lanes only.
         """
-        if rows is not None:  # work on a copy of these lanes' cache rows, then put it back
-            part = copy.copy(cache)
-            part.k, part.v = [k[rows] for k in cache.k], [v[rows] for v in cache.v]
-            logits = self.extend(idx, part, lengths, n_new)
-            for full, updated in zip(cache.k + cache.v, part.k + part.v):
-                full[rows] = updated
-            return logits
         B, S = idx.shape
         steps = torch.arange(S, device=idx.device)
-        if int((lengths + n_new).max()) > cache.max_len:
-            raise ValueError(f"a lane would pass the cache's {cache.max_len} tokens")
-        # absolute positions; a padding token's is clamped: it only ever lands in the dump slot
-        pos = (lengths[:, None] + steps).clamp(max=cache.max_len - 1)   # (B, S)
-        real = steps[None, :] < n_new[:, None]
-        write_pos = torch.where(real, pos, cache.max_len)  # padding goes to the dump slot
+        n_new = torch.full((B,), S, device=idx.device) if n_new is None else n_new
+        lengths = self.cache_lengths if rows is None else self.cache_lengths[rows]
         context = int((lengths + n_new).max())
+        if context > self.cache_max_len:
+            raise ValueError(f"a lane would pass the cache's {self.cache_max_len} tokens")
+        # absolute positions; a padding token's is clamped: it only ever lands in the dump slot
+        pos = (lengths[:, None] + steps).clamp(max=self.cache_max_len - 1)             # (B, S)
+        real = steps[None, :] < n_new[:, None]
         keys = torch.arange(context, device=idx.device)
-        attn_mask = (keys[None, None, :] <= pos[:, :, None])[:, None]  # (B, 1, S, context)
-        cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]  # (B, 1, S, hd/2)
+        step = DecodeStep(write_pos=torch.where(real, pos, self.cache_max_len), rows=rows,
+                          attn_mask=(keys[None, None, :] <= pos[:, :, None])[:, None])
+        cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]             # (B, 1, S, hd/2)
         x = self.embed(idx)
-        for layer, block in enumerate(self.blocks):
-            x = block(x, cos, sin, attn_mask, cache=cache, layer=layer, write_pos=write_pos)
-        last = x[torch.arange(B, device=idx.device), (n_new - 1).clamp(min=0)]  # (B, C)
+        for block in self.blocks:
+            x = block(x, cos, sin, step=step)
+        if rows is None:
+            self.cache_lengths += n_new
+        else:
+            self.cache_lengths[rows] += n_new
+        last = x[torch.arange(B, device=idx.device), (n_new - 1).clamp(min=0)]        # (B, C)
         return self.lm_head(self.norm(last))
 
     # ------------------------------------------------------------------------------------------
@@ -442,3 +565,42 @@ class GPT(nn.Module):
     def estimate_mfu(self, tokens_per_s, seq_len, peak_flops):
         """Model FLOPs utilisation: achieved FLOP/s over the device's peak."""
         return self.flops_per_token(seq_len) * tokens_per_s / peak_flops
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: written by train.py, read here by everyone
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; its message is one line naming the file."""
+
+
+CHECKPOINT_KEYS = ('model', 'model_args', 'config', 'tokenizer')  # what any use of one needs
+
+
+def _first_line(e):
+    return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+
+
+def load_checkpoint(path):
+    """out_dir/ckpt.pt (or the file itself) as plain values, on the CPU, checked.
+
+    weights_only: tensors, numbers, strings, lists and dicts, nothing else. A checkpoint is a
+    file people share, and unpickling any other object can run code.
+    """
+    if os.path.isdir(path):
+        path = os.path.join(path, 'ckpt.pt')
+    if not os.path.exists(path):
+        raise CheckpointError(f"no checkpoint at {path}: train one with python train.py "
+                              f"--out_dir={os.path.dirname(path) or '.'}")
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # noqa: BLE001 - whatever the file holds, one line says so
+        if 'Weights only load failed' in str(e):
+            raise CheckpointError(f"{path} holds pickled Python objects, not just tensors, numbers "
+                                  f"and strings: refused, since loading it could run code") from None
+        raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {_first_line(e)}); it is "
+                              f"corrupt or not a checkpoint") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} is not a nano-itl checkpoint (missing {', '.join(missing)})")
+    return ckpt

@@ -10,45 +10,36 @@ Ask a trained model questions and watch it use the database.
 """
 import os
 import random
-import re
 import sqlite3
 import sys
 
 import agent
 import configurator
-from model import pick_device
+from model import DTYPES, CheckpointError, autocast, check_device, resolve_device, resolve_dtype
 from prepare_data import ATTRIBUTES, question_answer
 
 DEFAULTS = dict(
-    out_dir='out',
-    db='',                  # '' = the people.db the model was trained next to
+    out_dir='out',          # the trained model (out_dir/ckpt.pt)
+    question=[],            # --question="..." asks it; repeat the flag to ask several at once
     questions_file='',      # one question per line
-    interactive=False,
+    interactive=False,      # read questions from stdin, one per line
     num_random=3,           # with no question: this many random questions from the database
     population='',          # ... about 'train' or 'ood' people only ('' = anyone)
-    max_new_tokens=160,
-    temperature=0.0,
-    top_k=0,
-    seed=1337,
-    device='auto',
+    data_dir='',            # '' = the data folder the model was trained on
+    db='',                  # '' = data_dir's people.db
+    max_new_tokens=160,     # per answer, tool answers not counted
+    temperature=0.0,        # 0: greedy
+    top_k=0,                # >0: sample among the k most likely tokens
+    seed=1337,              # seeds the random questions and the sampling
+    device='auto',          # 'auto', 'cpu', 'cuda', 'cuda:1', ...
+    dtype='auto',           # 'auto' (bfloat16 on CUDA, float32 on CPU), 'float32', 'bfloat16'
 )
+CHECKS = dict(population=('', 'train', 'ood'), device=check_device, dtype=DTYPES)
 
-ROLE_LABELS = {'<|user|>': 'user', '<|assistant|>': 'assistant', '<|database|>': 'database'}
 
-
-def format_dialog(text):
+def format_dialog(text, fmt):
     """A dialog's text as labelled lines: the question, the SQL, the database's answer, the answer."""
-    parts = re.split(r'(<\|user\|>|<\|assistant\|>|<\|database\|>|<\|eod\|>)', text)
-    lines = []
-    for i in range(1, len(parts), 2):  # parts: '', special, content, special, content, ...
-        special, content = parts[i], parts[i + 1]
-        if special == '<|eod|>':
-            continue
-        label = ROLE_LABELS[special]
-        if label == 'assistant' and i + 2 < len(parts) and parts[i + 2] == '<|database|>':
-            label = 'sql'
-        lines.append(f'{label:>9}: {content}')
-    return '\n'.join(lines)
+    return '\n'.join(f'{role:>9}: {content}' for role, content in fmt.turns(text))
 
 
 def random_questions(db_path, n, seed, population=''):
@@ -70,33 +61,37 @@ def random_questions(db_path, n, seed, population=''):
 
 
 def main(argv):
-    asked = [a.split('=', 1)[1] for a in argv if a.startswith('--question=')]
-    cfg = configurator.main_parse(DEFAULTS, [a for a in argv if not a.startswith('--question=')])
-    device = pick_device(cfg.device)
+    asked = [a.split('=', 1)[1] for a in argv if a.startswith('--question=')]  # repeatable
+    cfg = configurator.main_parse(DEFAULTS, [a for a in argv if not a.startswith('--question=')],
+                                  checks=CHECKS)
+    asked = cfg.question + asked  # a config file may list some too
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
     try:
-        model, ckpt = agent.load_checkpoint(cfg.out_dir, device)
-        db_path = cfg.db or os.path.join(ckpt['config']['data_dir'], 'people.db')
-        bot = agent.make_agent(model, ckpt['tokenizer']['tokenizer'], db_path, ckpt['config']['dataset'])
+        model, ckpt, data_dir = agent.load_trained(cfg.out_dir, device, cfg.data_dir)
+        db_path = cfg.db or os.path.join(data_dir, 'people.db')
+        bot = agent.make_agent(model, ckpt['tokenizer'], db_path, ckpt['config']['dataset'], dtype)
         if cfg.questions_file:
             with open(cfg.questions_file) as f:
                 asked += [line.strip() for line in f if line.strip()]
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, CheckpointError) as e:
         raise SystemExit(f"error: {e}")
     sampling = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                     seed=cfg.seed)
-    if cfg.interactive:
-        print('ask a question (empty line or ctrl-d to quit)', file=sys.stderr)
-        for line in sys.stdin:
-            if not line.strip():
-                break
-            print(format_dialog(bot.run([line.strip()], **sampling)[0].text) + '\n', flush=True)
-        return
-    try:
-        asked = asked or random_questions(db_path, cfg.num_random, cfg.seed, cfg.population)
-    except (sqlite3.Error, ValueError) as e:
-        raise SystemExit(f"error: {e}")
-    for lane in bot.run(asked, **sampling):
-        print(format_dialog(lane.text) + '\n')
+    with autocast(device, dtype):
+        if cfg.interactive:
+            print('ask a question (empty line or ctrl-d to quit)', file=sys.stderr)
+            for line in sys.stdin:
+                if not line.strip():
+                    break
+                print(format_dialog(bot.run([line.strip()], **sampling)[0].text, bot.fmt) + '\n', flush=True)
+            return
+        try:
+            asked = asked or random_questions(db_path, cfg.num_random, cfg.seed, cfg.population)
+        except (sqlite3.Error, ValueError) as e:
+            raise SystemExit(f"error: {e}")
+        for lane in bot.run(asked, **sampling):
+            print(format_dialog(lane.text, bot.fmt) + '\n')
 
 
 if __name__ == '__main__':

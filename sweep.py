@@ -71,6 +71,9 @@ NOT_RESULTS = ('device', 'threads', 'compile', 'kernels', 'log_interval', 'ckpt_
                'workers', 'only', 'emit_jobs', 'out_dir', 'exclude') + GRID
 DEFAULTS = {**train.DEFAULTS, 'threads': 1, 'stop_value': 0.95, 'eval_interval': 200,
             'ckpt_interval': 10**9, **SWEEP}
+CHECKS = {**{k: v for k, v in train.CHECKS.items() if k not in GRID + ('stop_metric',)},
+          'dataset': lambda names: next((f'{n!r}: {train.check_dataset(n)}' for n in names
+                                         if train.check_dataset(n)), None)}
 COLUMNS = ('run_id', 'n_people', 'n_facts', 'dataset', 'seed', 'n_embd', 'n_layer', 'n_head',
            'alpha', 'num_params', 'steps', 'max_iters', 'best_loss', 'val_loss', 'recall',
            'recall_ood', 'eval_questions', 'wall_s')
@@ -317,7 +320,7 @@ def sweep(cfg, run_fn=train_run, argv=()):
 
 
 def main(argv):
-    sweep(configurator.main_parse(DEFAULTS, argv), argv=argv)
+    sweep(configurator.main_parse(DEFAULTS, argv, checks=CHECKS), argv=argv)
 
 
 if __name__ == '__main__':

@@ -5,6 +5,8 @@ Train a GPT on the dialogs prepare_data.py wrote: one CPU, one GPU, or many with
     torchrun --standalone --nproc_per_node=8 train.py config/memory.py
 
 Rows are packed with whole dialogs and attention never crosses from one dialog to another.
+A step is gradient_accumulation_steps micro-batches of batch_size rows; with several processes
+each takes its share of every micro-batch's rows, so a run makes the same updates on any number.
 """
 import contextlib
 import ctypes
@@ -20,62 +22,85 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import agent
 import configurator
-from model import GPT, GPTConfig, pick_device
-from prepare_data import ShardError, read_shard
+from configurator import ConfigError
+from model import (DTYPES, GPT, KERNELS, CheckpointError, GPTConfig, autocast, check_device,
+                   load_checkpoint, resolve_device, resolve_dtype)
+from prepare_data import DATASETS, ShardError, read_shard
 
 DEFAULTS = dict(
     # I/O
-    out_dir='out',
+    out_dir='out',            # checkpoint, config.json and metrics.jsonl go here
     init_from='scratch',      # 'scratch' or 'resume' (from out_dir/ckpt.pt)
     overwrite=False,          # let 'scratch' replace a checkpoint already in out_dir
     data_dir='data/default',  # where prepare_data.py wrote
     dataset='qatool',         # 'qatool' (in-tool), 'qa' (in-weight), 'bio', or 'bio:1,qa:3'
-    max_iters=2000,
-    log_interval=10,
+    max_iters=2000,           # optimizer steps
+    log_interval=10,          # print and record a training line every this many steps
     eval_interval=250,        # validation loss (and recall, see eval_questions) every this many
     eval_iters=4,             # validation batches
     eval_questions=0,         # >0: recall on this many questions of each split at every eval
     stop_metric='',           # early stop on this eval metric (e.g. 'recall_min', 'val_loss')
     stop_value=0.0,           # ... once it reaches this (>= for recall, <= for a loss)
-    ckpt_interval=1000,
-    seed=1337,
+    ckpt_interval=1000,       # save out_dir/ckpt.pt every this many steps (and at the end)
+    seed=1337,                # seeds the initialisation and the order of the batches
+    wandb_log=False,          # also log to Weights & Biases (pip install wandb); metrics.jsonl stays the record
+    wandb_project='nano-itl',  # ... into this project
+    wandb_run_name='',        # ... as this run ('' : out_dir's name)
     # data and batch
-    batch_size=128,           # rows per micro-batch
+    batch_size=128,           # rows per micro-batch, over all processes (each takes its share)
     block_size=256,           # tokens a row trains on (rows hold block_size + 1 tokens)
-    gradient_accumulation_steps=1,  # micro-batches per optimizer step, over all processes
+    gradient_accumulation_steps=1,  # micro-batches per optimizer step
     # model
-    n_layer=2,
-    n_head=2,
-    n_kv_head=0,
-    n_embd=64,
-    mlp_hidden=0,
-    tie_embeddings=False,
-    kernels='auto',
+    n_layer=2,                # transformer blocks
+    n_head=2,                 # attention heads
+    n_kv_head=0,              # key/value heads (grouped-query attention); 0: n_head
+    n_embd=64,                # width of the residual stream
+    mlp_hidden=0,             # SwiGLU hidden width; 0: 4 * n_embd
+    tie_embeddings=False,     # share the input embedding with the output layer
+    kernels='auto',           # 'auto' (Triton on CUDA, else PyTorch), 'triton' or 'torch'
     # optimizer and schedule
-    learning_rate=1e-3,
+    learning_rate=1e-3,       # peak AdamW learning rate, after warmup
     min_lr=0.0,               # the floor the schedule decays to
     lr_decay_iters=0,         # the decay ends here; 0: at max_iters
     lr_decay='cosine',        # 'cosine' or 'linear'
-    warmup_iters=50,
-    weight_decay=0.1,
-    beta1=0.9,
-    beta2=0.95,
-    grad_clip=1.0,            # 0 disables
+    warmup_iters=50,          # linear warmup from 0 over this many steps
+    weight_decay=0.1,         # AdamW weight decay on matrices
+    beta1=0.9,                # AdamW beta1
+    beta2=0.95,               # AdamW beta2
+    grad_clip=1.0,            # clip the gradient norm to this; 0 disables
     # system
     device='auto',            # 'auto', 'cpu', 'cuda', 'cuda:1', ...
     dtype='auto',             # 'auto' (bfloat16 on CUDA, float32 on CPU), 'float32', 'bfloat16'
-    compile=False,
+    compile=False,            # torch.compile the model (on CPU it needs a C++ compiler)
     threads=0,                # CPU threads per process, 0: cores / processes
     peak_tflops=0.0,          # for MFU; 0: looked up for known GPUs
 )
 
 MODEL_KEYS = ('n_layer', 'n_head', 'n_kv_head', 'n_embd', 'mlp_hidden', 'tie_embeddings')
+EVAL_METRICS = ('val_loss', 'recall', 'recall_ood', 'recall_min')
 PEAK_BF16_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0, 'L4': 121.0}  # dense
 
 
+def check_dataset(dataset):
+    """None when dataset is a dataset name or a weighted mixture of them, else what is wrong."""
+    try:
+        mixture = parse_mixture(dataset)
+    except ValueError:
+        mixture = None
+    if not mixture or not set(mixture) <= set(DATASETS):
+        return f"name datasets of {', '.join(DATASETS)}, or a mixture such as 'bio:1,qa:3'"
+    return None
+
+
+CHECKS = dict(init_from=('scratch', 'resume'), dataset=check_dataset, device=check_device,
+              dtype=DTYPES, kernels=KERNELS, lr_decay=('cosine', 'linear'),
+              stop_metric=('',) + EVAL_METRICS)
+
+
 class DataError(RuntimeError):
-    pass
+    """The data on disk is missing or does not fit the run."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -86,6 +111,8 @@ def parse_mixture(dataset):
     parts = dict((p.split(':') + ['1'])[:2] for p in dataset.split(','))
     weights = {name.strip(): float(w) for name, w in parts.items()}
     total = sum(weights.values())
+    if any(w <= 0 for w in weights.values()):
+        raise ValueError(f"dataset weights must be positive: {dataset!r}")
     return {name: w / total for name, w in weights.items()}
 
 
@@ -171,6 +198,21 @@ def to_batch(rows, device):
     return [t.to(device, non_blocking=True) for t in batch]
 
 
+def to_batch(rows, device):
+    """Packed rows -> model inputs: idx, targets, loss mask (on targets), dialog ids."""
+    tokens, mask, doc_ids = (torch.from_numpy(np.ascontiguousarray(a)) for a in rows)
+    batch = tokens[:, :-1], tokens[:, 1:], mask[:, 1:], doc_ids[:, :-1]
+    return [t.to(device, non_blocking=True) for t in batch]
+
+
+def load_dataset_meta(data_dir):
+    path = os.path.join(data_dir, 'meta.json')
+    if not os.path.exists(path):
+        raise DataError(f"no dataset in {data_dir}: run python prepare_data.py --out_dir={data_dir}")
+    with open(path) as f:
+        return json.load(f)
+
+
 # ----------------------------------------------------------------------------------------------
 # Schedule, checkpoints
 
@@ -189,23 +231,7 @@ def save_checkpoint(path, **state):
     os.replace(path + '.tmp', path)  # a crash mid-write never leaves a checkpoint that loads
 
 
-CHECKPOINT_KEYS = ('model', 'optimizer', 'model_args', 'config', 'step', 'best_val', 'data_state',
-                   'rng_state', 'tokenizer')
-
-
-def load_checkpoint(path, device):
-    """A checkpoint written by save_checkpoint; DataError naming the file if it is not one."""
-    if not os.path.exists(path):
-        raise DataError(f"--init_from=resume but there is no {path}")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
-    except Exception as e:  # truncated, corrupt, or not a torch file at all
-        raise DataError(f"{path} cannot be read ({type(e).__name__}: {e}); it is corrupt or not a "
-                        f"checkpoint: start again with --init_from=scratch --overwrite=True") from None
-    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise DataError(f"{path} is not a nano-itl checkpoint (missing {', '.join(missing)})")
-    return ckpt
+TRAINING_KEYS = ('optimizer', 'step', 'best_val', 'data_state', 'rng_state')  # what resume adds
 
 
 def check_compatible(ckpt, model_args, tokenizer_meta, path):
@@ -213,42 +239,30 @@ def check_compatible(ckpt, model_args, tokenizer_meta, path):
     diffs = [f"{k}: checkpoint {ckpt['model_args'][k]!r}, now {v!r}"
              for k, v in model_args.items() if ckpt['model_args'].get(k) != v and k != 'kernels']
     if ckpt['tokenizer'] != tokenizer_meta:
-        diffs.append(f"tokenizer: checkpoint {ckpt['tokenizer']}, data {tokenizer_meta}")
+        diffs.append('tokenizer: the checkpoint was trained on data with another tokenizer')
     if diffs:
-        raise DataError(f"{path} is for another model or tokenizer ({'; '.join(diffs)}); "
-                        f"use another out_dir or matching settings")
-
-
-def load_dataset_meta(data_dir):
-    path = os.path.join(data_dir, 'meta.json')
-    if not os.path.exists(path):
-        raise DataError(f"no dataset in {data_dir}: run python prepare_data.py --out_dir={data_dir}")
-    with open(path) as f:
-        meta = json.load(f)
-    return meta
+        raise CheckpointError(f"{path} is for another model or tokenizer ({'; '.join(diffs)}); "
+                              f"use another out_dir or matching settings")
 
 
 # ----------------------------------------------------------------------------------------------
-# Training
+# Setting up a run
 
 def setup_device(cfg):
-    """-> (device, autocast context, rank, world size); starts DDP when run by torchrun."""
+    """-> (device, dtype name, rank, world size); starts DDP when run by torchrun."""
     ddp = 'RANK' in os.environ
     rank, world = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if ddp else (0, 1)
-    device = pick_device(cfg.device)
+    device = resolve_device(cfg.device)
     if ddp:
         if device.startswith('cuda'):
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(device)
         dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
     if device == 'cpu':
-        torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get('LOCAL_WORLD_SIZE', 1))))
+        local = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
+        torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // local))
         keep_freed_memory()
-    dtype = cfg.dtype if cfg.dtype != 'auto' else ('bfloat16' if device.startswith('cuda') else 'float32')
-    device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-    autocast = (torch.autocast(device_type, dtype=torch.bfloat16) if dtype == 'bfloat16'
-                else contextlib.nullcontext())
-    return device, autocast, rank, world
+    return device, resolve_dtype(cfg.dtype, device), rank, world
 
 
 def keep_freed_memory():
@@ -267,6 +281,16 @@ def keep_freed_memory():
         pass
 
 
+def check_options(cfg, world):
+    """Combinations of options that cannot run, refused before any work, naming what to change."""
+    if cfg.batch_size < world:
+        raise ConfigError(f"batch_size {cfg.batch_size} rows cannot be shared by {world} processes: "
+                          f"use --batch_size={world} or more")
+    if cfg.stop_metric.startswith('recall') and not cfg.eval_questions:
+        raise ConfigError(f"stop_metric={cfg.stop_metric!r} is measured on eval_questions, which is 0: "
+                          f"set --eval_questions=200 (for example)")
+
+
 def peak_flops(cfg, device):
     if cfg.peak_tflops:
         return cfg.peak_tflops * 1e12
@@ -277,6 +301,7 @@ def peak_flops(cfg, device):
 
 
 def build(cfg, meta, device):
+    """A new model from cfg's shape, initialised from its seed, and its optimizer."""
     model_args = {k: getattr(cfg, k) for k in MODEL_KEYS}
     gpt_config = GPTConfig(vocab_size=meta['vocab_size'], block_size=cfg.block_size,
                            kernels=cfg.kernels, **model_args)
@@ -287,36 +312,149 @@ def build(cfg, meta, device):
     return model, optimizer, asdict(gpt_config)
 
 
+def tokenizer_meta(meta):
+    """What a checkpoint keeps of its data: the tokenizer itself, its special ids, the format."""
+    return {'tokenizer': meta['tokenizer'], 'special_tokens': meta['special_tokens'],
+            'format': meta.get('format', 'itl')}
+
+
+def start(cfg, meta, device, train_batches):
+    """-> (model, optimizer, step, best_val): new, or resumed exactly from out_dir/ckpt.pt."""
+    model, optimizer, model_args = build(cfg, meta, device)
+    path = os.path.join(cfg.out_dir, 'ckpt.pt')
+    if cfg.init_from == 'scratch':
+        if os.path.exists(path) and not cfg.overwrite:
+            raise CheckpointError(f"{path} exists: --init_from=resume continues it, --overwrite "
+                                  f"replaces it")
+        return model, optimizer, 0, float('inf')
+    ckpt = load_checkpoint(path)
+    missing = [k for k in TRAINING_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} cannot be resumed (it has no {', '.join(missing)})")
+    check_compatible(ckpt, model_args, tokenizer_meta(meta), path)
+    model.load_state_dict(ckpt['model'])
+    optimizer.load_state_dict(ckpt['optimizer'])
+    train_batches.load_state(ckpt['data_state'])
+    torch.set_rng_state(ckpt['rng_state'])
+    return model, optimizer, ckpt['step'], ckpt['best_val']
+
+
+class PackedLoss(torch.nn.Module):
+    """GPT.packed_loss as a module's forward: DDP syncs gradients, and torch.compile compiles,
+    through forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx, targets, loss_mask, doc_ids):
+        return self.model.packed_loss(idx, targets, loss_mask, doc_ids)
+
+
+def training_forward(model, cfg, device, world=1):
+    """What a training step calls: packed_loss, compiled if asked, wrapped for DDP."""
+    step = PackedLoss(model)
+    if cfg.compile:
+        step = compiled(step, device)
+    if world > 1:
+        step = torch.nn.parallel.DistributedDataParallel(
+            step, device_ids=[int(device.split(':')[1])] if device.startswith('cuda') else None)
+    return step
+
+
 def compiled(model, device):
     """torch.compile with dynamic shapes: packed batches change shape every step, and one graph
     serves them all. On CPU inductor writes C++, so a compiler must be there."""
     if device == 'cpu' and not any(shutil.which(c) for c in (os.environ.get('CXX', 'g++'), 'g++', 'clang++')):
-        raise DataError("compile=True on CPU needs a C++ compiler (g++ or clang++, or $CXX): "
-                        "install one, or run with --compile=False")
+        raise ConfigError("compile=True on CPU needs a C++ compiler (g++ or clang++, or $CXX): "
+                          "install one, or run with --compile=False")
     return torch.compile(model, dynamic=True)
 
 
+class RunLog:
+    """A run's record: metrics.jsonl in out_dir (started anew by a new run, appended to by a
+    resumed one), every row with its time; each row printed; and Weights & Biases when asked."""
+
+    def __init__(self, cfg, append):
+        self.file = open(os.path.join(cfg.out_dir, 'metrics.jsonl'), 'a' if append else 'w')
+        self.wandb = None
+        if cfg.wandb_log:
+            import wandb  # only when asked: it is not a requirement
+            self.wandb = wandb.init(project=cfg.wandb_project, config=vars(cfg),
+                                    name=cfg.wandb_run_name or os.path.basename(os.path.abspath(cfg.out_dir)))
+
+    def write(self, row, text):
+        print(text, flush=True)
+        self.file.write(json.dumps({**row, 'time': round(time.time(), 3)}) + '\n')
+        self.file.flush()
+        if self.wandb:
+            self.wandb.log(row, step=row['step'])
+
+    def close(self):
+        self.file.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+# ----------------------------------------------------------------------------------------------
+# Steps
+
+def share_of_rows(n_rows, rank, world):
+    """This process's rows of a micro-batch: contiguous, sizes differing by at most one."""
+    return slice(rank * n_rows // world, (rank + 1) * n_rows // world)
+
+
+def accumulate_gradients(forward, batches, cfg, device, dtype, rank=0, world=1):
+    """Forward and backward over gradient_accumulation_steps micro-batches of batch_size rows.
+
+    Every process reads the whole stream and runs its share of each micro-batch's rows. Its loss
+    (a mean over its loss tokens) is weighted by its part of the micro-batch's loss tokens, so the
+    gradients DDP averages are exactly one process's: the mean over every loss token of the
+    micro-batch, averaged over the micro-batches. DDP syncs on the last micro-batch only.
+    -> (loss of the step, whole dialogs, real tokens), the same on every process.
+    """
+    n_micro = cfg.gradient_accumulation_steps
+    loss_sum, n_dialogs, n_tokens = 0.0, 0, 0
+    for micro in range(n_micro):
+        tokens, mask, doc_ids = batches.next_rows(cfg.batch_size)
+        n_dialogs += int(doc_ids.max(axis=1).sum()) + len(doc_ids)  # ids are 0..k-1 per row
+        n_tokens += int((doc_ids >= 0).sum())  # real tokens: padding costs nothing
+        has_loss = mask[:, 1:] & (doc_ids[:, :-1] >= 0)  # every row holds a dialog with some
+        share = share_of_rows(cfg.batch_size, rank, world)
+        weight = float(has_loss[share].sum() / has_loss.sum()) * world / n_micro
+        idx, targets, loss_mask, ids = to_batch((tokens[share], mask[share], doc_ids[share]), device)
+        sync = forward.no_sync() if world > 1 and micro < n_micro - 1 else contextlib.nullcontext()
+        with sync, autocast(device, dtype):
+            loss = forward(idx, targets, loss_mask, ids)
+            (loss * weight).backward()
+        loss_sum += loss.item() * weight / world
+    if world > 1:  # the step's loss: each process holds its weighted part
+        total = torch.tensor(loss_sum, dtype=torch.float64, device=device)
+        dist.all_reduce(total)
+        loss_sum = total.item()
+    return loss_sum, n_dialogs, n_tokens
+
+
 @torch.no_grad()
-def validation_loss(model, batches, cfg, device, autocast):
+def validation_loss(model, batches, cfg, device, dtype):
     """Mean loss over eval_iters fixed batches (the same rows at every evaluation)."""
     batches.load_state({'epoch': 0, 'pos': 0})
     losses = []
     for _ in range(cfg.eval_iters):
         idx, targets, mask, doc_ids = to_batch(batches.next_rows(cfg.batch_size), device)
-        with autocast:
-            losses.append(model(idx, targets, mask, doc_ids)[1].item())
+        with autocast(device, dtype):
+            losses.append(model.packed_loss(idx, targets, mask, doc_ids).item())
     return sum(losses) / len(losses)
 
 
-def evaluate(model, cfg, meta, val_batches, device, autocast):
+def evaluate(model, cfg, meta, val_batches, device, dtype):
     """Validation loss, and recall through agent.py when eval_questions > 0."""
     model.eval()
-    metrics = {'val_loss': validation_loss(model, val_batches, cfg, device, autocast)}
+    metrics = {'val_loss': validation_loss(model, val_batches, cfg, device, dtype)}
     if cfg.eval_questions:
-        import agent  # only needed here, and it needs train.py's model: import late
-        with autocast:
+        with autocast(device, dtype):
             metrics.update(agent.recall_metrics(model, cfg.data_dir, meta, cfg.dataset,
-                                                cfg.eval_questions, device))
+                                                cfg.eval_questions))
     model.train()
     return metrics
 
@@ -328,140 +466,116 @@ def reached(metrics, cfg):
     return value <= cfg.stop_value if 'loss' in cfg.stop_metric else value >= cfg.stop_value
 
 
-def accumulate_gradients(model, batches, cfg, device, autocast, rank, world):
-    """Forward and backward over gradient_accumulation_steps micro-batches, shared among the ranks.
+class Clock:
+    """Time left: training steps and evaluations timed apart, so an evaluation's time does not
+    land in one interval of steps and make the estimate jump."""
 
-    -> (mean loss, whole dialogs, real tokens) of this rank's micro-batches. DDP syncs gradients
-    on the last micro-batch only.
-    """
-    local_micro = cfg.gradient_accumulation_steps // world
-    loss_sum, n_dialogs, n_tokens = 0.0, 0, 0
-    for micro in range(cfg.gradient_accumulation_steps):
-        rows = batches.next_rows(cfg.batch_size)  # every rank reads the whole stream,
-        if micro % world != rank:                 # and keeps its own micro-batches
-            continue
-        idx, targets, mask, doc_ids = to_batch(rows, device)
-        n_dialogs += int(rows[2].max(axis=1).sum()) + len(rows[2])  # ids are 0..k-1 per row
-        n_tokens += int((rows[2] >= 0).sum())  # real tokens: padding costs nothing
-        last = micro + world >= cfg.gradient_accumulation_steps
-        sync = model.no_sync() if world > 1 and not last else contextlib.nullcontext()
-        with sync, autocast:
-            _, loss = model(idx, targets, mask, doc_ids)
-            (loss / local_micro).backward()
-        loss_sum += loss.item() / local_micro
-    return loss_sum, n_dialogs, n_tokens
+    def __init__(self, cfg, step):
+        self.cfg, self.first_step = cfg, step
+        self.train_s, self.eval_s, self.evals = 0.0, 0.0, 0
 
+    def eta(self, step):
+        steps_left = self.cfg.max_iters - step
+        per_step = self.train_s / max(1, step - self.first_step)
+        evals_left = self.cfg.max_iters // self.cfg.eval_interval - step // self.cfg.eval_interval
+        per_eval = self.eval_s / self.evals if self.evals else 0.0
+        return steps_left * per_step + evals_left * per_eval
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
 
 def train(cfg):
     """Run training as cfg says; returns the last metrics (rank 0) for scripts and tests."""
-    device, autocast, rank, world = setup_device(cfg)
+    device, dtype, rank, world = setup_device(cfg)
     master = rank == 0
-    if cfg.gradient_accumulation_steps % world:
-        raise DataError(f"gradient_accumulation_steps {cfg.gradient_accumulation_steps} must be a "
-                        f"multiple of the {world} processes")
+    check_options(cfg, world)
     meta = load_dataset_meta(cfg.data_dir)
     mixture = parse_mixture(cfg.dataset)
     train_batches = PackedBatches(cfg.data_dir, mixture, 'train', cfg.block_size, cfg.seed, meta['vocab_size'])
     val_batches = PackedBatches(cfg.data_dir, mixture, 'ood', cfg.block_size, cfg.seed, meta['vocab_size'])
-    model, optimizer, model_args = build(cfg, meta, device)
-    ckpt_path = os.path.join(cfg.out_dir, 'ckpt.pt')
-    step, best_val = 0, float('inf')
-    tokenizer_meta = {'tokenizer': meta['tokenizer'], 'special_tokens': meta['special_tokens']}
-    if cfg.init_from == 'resume':
-        ckpt = load_checkpoint(ckpt_path, device)
-        check_compatible(ckpt, model_args, tokenizer_meta, ckpt_path)
-        model.load_state_dict(ckpt['model'])
-        optimizer.load_state_dict(ckpt['optimizer'])
-        train_batches.load_state(ckpt['data_state'])
-        torch.set_rng_state(ckpt['rng_state'])
-        step, best_val = ckpt['step'], ckpt['best_val']
-    elif cfg.init_from != 'scratch':
-        raise DataError(f"init_from must be 'scratch' or 'resume', got {cfg.init_from!r}")
-    elif os.path.exists(ckpt_path) and not cfg.overwrite:
-        raise DataError(f"{ckpt_path} exists: --init_from=resume continues it, --overwrite=True "
-                        f"replaces it")
+    model, optimizer, step, best_val = start(cfg, meta, device, train_batches)
+    forward = training_forward(model, cfg, device, world)
+    log = None
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        print(json.dumps({'config': vars(cfg), 'world_size': world, 'device': device,
+        print(json.dumps({'config': vars(cfg), 'world_size': world, 'device': device, 'dtype': dtype,
                           'num_params': model.num_params()}))
         with open(os.path.join(cfg.out_dir, 'config.json'), 'w') as f:
             json.dump(vars(cfg), f, indent=2)
-    raw_model = model
-    if cfg.compile:
-        model = compiled(model, device)
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[int(device.split(':')[1])]
-                                                           if device.startswith('cuda') else None)
+        log = RunLog(cfg, append=cfg.init_from == 'resume')
 
     def checkpoint():
         if master:
-            save_checkpoint(ckpt_path, model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
-                            model_args=model_args, config=vars(cfg), step=step, best_val=best_val,
+            save_checkpoint(os.path.join(cfg.out_dir, 'ckpt.pt'), model=model.state_dict(),
+                            optimizer=optimizer.state_dict(), model_args=asdict(model.config),
+                            config=vars(cfg), step=step, best_val=best_val,
                             data_state=train_batches.state(), rng_state=torch.get_rng_state(),
-                            tokenizer=tokenizer_meta)
+                            tokenizer=tokenizer_meta(meta),
+                            data_dir=os.path.relpath(cfg.data_dir, cfg.out_dir))  # moves with out_dir
 
     peak = peak_flops(cfg, device)
-    metrics_file = open(os.path.join(cfg.out_dir, 'metrics.jsonl'), 'a') if master else None
-    metrics, t_last, best_loss = {}, time.time(), float('inf')  # best training loss of this run
+    clock, metrics, best_loss = Clock(cfg, step), {}, float('inf')  # best training loss of this run
     while step < cfg.max_iters:
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group['lr'] = lr
         t0 = time.time()
-        loss_sum, n_dialogs, n_tokens = accumulate_gradients(model, train_batches, cfg, device,
-                                                             autocast, rank, world)
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float('inf'))
-        if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):  # grads agree on all ranks
-            raise FloatingPointError(f"loss is {loss_sum} at step {step}: stopped; the last good "
+        loss, n_dialogs, n_tokens = accumulate_gradients(forward, train_batches, cfg, device, dtype,
+                                                         rank, world)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float('inf'))
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # the same on every process
+            raise FloatingPointError(f"loss is {loss} at step {step}: stopped; the last good "
                                      f"checkpoint is kept in {cfg.out_dir}. Try a lower learning_rate")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        best_loss = min(best_loss, loss_sum)
+        best_loss = min(best_loss, loss)
         dt = time.time() - t0
+        clock.train_s += dt
         if master and (step % cfg.log_interval == 0 or step == cfg.max_iters):
-            tokens_per_s = n_tokens * world / dt
-            row = {'step': step, 'loss': round(loss_sum, 5), 'lr': lr, 'grad_norm': round(float(grad_norm), 4),
-                   'step_ms': round(dt * 1000, 2), 'tokens_per_s': round(tokens_per_s),
-                   'dialogs_per_s': round(n_dialogs * world / dt, 1)}
+            row = {'step': step, 'loss': round(loss, 5), 'lr': lr, 'grad_norm': round(float(grad_norm), 4),
+                   'step_ms': round(dt * 1000, 2), 'tokens_per_s': round(n_tokens / dt),
+                   'dialogs_per_s': round(n_dialogs / dt, 1)}
             if peak:
-                row['mfu'] = round(raw_model.estimate_mfu(tokens_per_s, cfg.block_size, peak), 4)
-            eta = (time.time() - t_last) / cfg.log_interval * (cfg.max_iters - step)
-            print(' | '.join(f'{k} {v}' for k, v in row.items()) + f' | eta {eta:.0f}s', flush=True)
-            metrics_file.write(json.dumps(row) + '\n')
-            metrics_file.flush()
-            t_last = time.time()
+                row['mfu'] = round(model.estimate_mfu(n_tokens / dt, cfg.block_size, peak), 4)
+            log.write(row, ' | '.join(f'{k} {v}' for k, v in row.items()) + f' | eta {clock.eta(step):.0f}s')
         if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-            metrics = evaluate(raw_model, cfg, meta, val_batches, device, autocast) if master else {}
+            t0 = time.time()
+            metrics = evaluate(model, cfg, meta, val_batches, device, dtype) if master else {}
+            clock.eval_s, clock.evals = clock.eval_s + time.time() - t0, clock.evals + 1
             best_val = min(best_val, metrics.get('val_loss', best_val))
             if master:
-                print(json.dumps({'step': step, **metrics}), flush=True)
-                metrics_file.write(json.dumps({'step': step, **metrics}) + '\n')
-                metrics_file.flush()
-            stop = torch.tensor(float(reached(metrics, cfg)))
-            if world > 1:
-                dist.broadcast(stop, 0)
-            if stop.item():
+                log.write({'step': step, **metrics}, json.dumps({'step': step, **metrics}))
+            if stop_everywhere(reached(metrics, cfg), world):
                 if master:
                     print(f"early stop at step {step}: {cfg.stop_metric} reached {cfg.stop_value}")
                 break
         if step % cfg.ckpt_interval == 0:
             checkpoint()
     checkpoint()
-    if metrics_file:
-        metrics_file.close()
+    if log:
+        log.close()
     if world > 1:
         dist.barrier()  # every rank leaves together: gloo aborts if a peer tears down mid-call
         dist.destroy_process_group()
     return {'step': step, 'best_loss': best_loss, 'best_val': best_val,
-            'num_params': raw_model.num_params(), **metrics}
+            'num_params': model.num_params(), **metrics}
+
+
+def stop_everywhere(stop, world):
+    """Rank 0 decides (it evaluated); every process learns it."""
+    flag = torch.tensor(float(stop))
+    if world > 1:
+        dist.broadcast(flag, 0)
+    return bool(flag.item())
 
 
 def main(argv):
-    cfg = configurator.main_parse(DEFAULTS, argv)
+    cfg = configurator.main_parse(DEFAULTS, argv, checks=CHECKS)
     try:
         train(cfg)
-    except (DataError, ShardError, FloatingPointError, ValueError) as e:
+    except (ConfigError, DataError, ShardError, CheckpointError, FloatingPointError) as e:
         raise SystemExit(f"error: {e}")
 
 

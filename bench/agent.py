@@ -14,38 +14,37 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import agent  # noqa: E402
 import configurator  # noqa: E402
-from model import pick_device  # noqa: E402
+from model import CheckpointError, autocast, resolve_device, resolve_dtype  # noqa: E402
 
 DEFAULTS = dict(
-    out_dir='out/quick',
-    split='ood',
-    batch_sizes=[1, 64, 1024],
+    out_dir='out/quick',                 # the trained in-tool model (bash quickstart.sh trains it)
+    split='ood',                         # questions about 'train' or 'ood' people
+    batch_sizes=[1, 64, 1024],           # lanes generated together, one timing each
     questions_per_size=[16, 256, 1024],  # questions timed at each batch size
-    device='auto',
-    dtype='float32',
-    threads=0,
+    device='auto',                       # 'auto', 'cpu', 'cuda', 'cuda:1', ...
+    dtype='auto',                        # 'auto' (bfloat16 on CUDA, float32 on CPU), 'float32', 'bfloat16'
+    threads=0,                           # CPU threads; 0: torch's default (every core)
 )
 
 
 def main(argv):
-    cfg = configurator.main_parse(DEFAULTS, argv)
-    device = pick_device(cfg.device)
+    cfg = configurator.main_parse(DEFAULTS, argv, checks=agent.CHECKS)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        model, ckpt = agent.load_checkpoint(cfg.out_dir, device)
-    except (FileNotFoundError, ValueError) as e:
+        model, ckpt, data_dir = agent.load_trained(cfg.out_dir, device)
+    except (FileNotFoundError, CheckpointError) as e:
         raise SystemExit(f"error: {e} (bash quickstart.sh trains out/quick)")
-    data_dir = ckpt['config']['data_dir']
-    bot = agent.make_agent(model, ckpt['tokenizer']['tokenizer'], os.path.join(data_dir, 'people.db'),
-                           ckpt['config']['dataset'], cfg.dtype)
-    autocast = torch.autocast(device.split(':')[0], dtype=torch.bfloat16, enabled=cfg.dtype == 'bfloat16')
+    bot = agent.make_agent(model, ckpt['tokenizer'], os.path.join(data_dir, 'people.db'),
+                           ckpt['config']['dataset'], dtype)
     for batch_size, n in zip(cfg.batch_sizes, cfg.questions_per_size):
         questions = agent.read_questions(data_dir, cfg.split, n)
-        with autocast:
+        with autocast(device, dtype):
             agent.evaluate(bot, questions[:batch_size], batch_size)  # warm-up
             metrics, _ = agent.evaluate(bot, questions, batch_size)
-        print(json.dumps({'batch_size': batch_size, 'device': device, 'dtype': cfg.dtype,
+        print(json.dumps({'batch_size': batch_size, 'device': device, 'dtype': dtype,
                           'threads': torch.get_num_threads(), 'num_params': model.num_params(),
                           **metrics}), flush=True)
 

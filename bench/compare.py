@@ -47,12 +47,21 @@ def build(module, cfg, meta, device):
                                             device.split(':')[0])
 
 
+def training_forward(model, cfg, device):
+    """A version's training call -> loss: packed_loss where it has one (train.py's), else the
+    loss of forward(idx, targets, loss_mask, doc_ids), as model.py had before packed_loss."""
+    if hasattr(model, 'packed_loss'):
+        return train.training_forward(model, cfg, device)
+    forward = train.compiled(model, device) if cfg.compile else model
+    return lambda *batch: forward(*batch)[1]
+
+
 def main(argv):
-    cfg = configurator.main_parse(DEFAULTS, argv)
+    cfg = configurator.main_parse(DEFAULTS, argv, checks=train.CHECKS)
     if not os.path.isfile(cfg.baseline):
         sys.exit(f"--baseline={cfg.baseline!r} is not a file: pass the model.py to compare with, "
                  f"e.g. git show HEAD~1:model.py > /tmp/model_before.py")
-    device, autocast, _, _ = train.setup_device(cfg)
+    device, dtype, _, _ = train.setup_device(cfg)
     meta = train.load_dataset_meta(cfg.data_dir)
     here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'model.py')
     versions = {'baseline': build(load_module(cfg.baseline, 'model_baseline'), cfg, meta, device),
@@ -62,13 +71,12 @@ def main(argv):
                                          cfg.block_size, cfg.seed, meta['vocab_size'])
                for name in versions}
 
-    forwards = {name: train.compiled(model, device) if cfg.compile else model
-                for name, (model, _) in versions.items()}
+    forwards = {name: training_forward(model, cfg, device) for name, (model, _) in versions.items()}
 
     def step(name):  # train.py's own step; its loss.item() waits for the GPU too
         model, optimizer = versions[name]
         t0 = time.perf_counter()
-        loss, _, _ = train.accumulate_gradients(forwards[name], batches[name], cfg, device, autocast, 0, 1)
+        loss, _, _ = train.accumulate_gradients(forwards[name], batches[name], cfg, device, dtype)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -84,7 +92,7 @@ def main(argv):
     for name, ts in times.items():
         ts = sorted(ts)
         print(json.dumps({'version': name, 'path': cfg.baseline if name == 'baseline' else here,
-                          'dataset': cfg.dataset, 'dtype': cfg.dtype, 'device': device,
+                          'dataset': cfg.dataset, 'dtype': dtype, 'device': device,
                           'step_ms': round(statistics.median(ts) * 1000, 2),
                           'step_ms_p25': round(ts[len(ts) // 4] * 1000, 2),
                           'last_loss': round(losses[name], 5)}), flush=True)

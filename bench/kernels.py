@@ -54,16 +54,15 @@ def make_cases(s, dtype, dev):
     return {
         'rms_norm': (model.rms_norm, kernels.rms_norm, (rand(B, T, C), rand(C), 1e-5),
                      lambda m: N * C * e * (2 if m == 'fwd' else 5), lambda m: 0),
-        'add_rms_norm': (lambda x, r, w, eps: (x + r, model.rms_norm(x + r, w, eps)),
-                         kernels.add_rms_norm, (rand(B, T, C), rand(B, T, C), rand(C), 1e-5),
+        'add_rms_norm': (model.add_rms_norm, kernels.add_rms_norm, (rand(B, T, C), rand(B, T, C), rand(C), 1e-5),
                          lambda m: N * C * e * (4 if m == 'fwd' else 8), lambda m: 0),
-        'rope': (lambda q, k, c, s: (model.apply_rope(q, c, s), model.apply_rope(k, c, s)),
+        'rope': (model.rope,
                  kernels.rope, (rand(B, nh, T, hd), rand(B, nh, T, hd), cos, sin),
                  lambda m: 2 * N * C * e * (2 if m == 'fwd' else 4), lambda m: 0),
         'swiglu': (model.swiglu, kernels.swiglu, (rand(B, T, 4 * C), rand(B, T, 4 * C)),
                    lambda m: N * 4 * C * e * (3 if m == 'fwd' else 8), lambda m: 0),
         'linear_cross_entropy': (
-            lambda h, w, t, msk: model.masked_cross_entropy(h, w, t, msk)[0],
+            model.linear_cross_entropy,
             kernels.linear_cross_entropy,
             (rand(B, T, C), rand(V, C, scale=C ** -0.5), torch.randint(0, V, (B, T), device=dev), mask),
             # read h, W (and write their grads when training); 2 N C V flops per matmul
@@ -110,7 +109,8 @@ def device_bandwidth(cfg):
 
 
 def main(argv):
-    cfg = configurator.main_parse(DEFAULTS, argv)
+    cfg = configurator.main_parse(DEFAULTS, argv, checks={'shapes': ('tiny', 'gpt2', 'both'),
+                                                          'dtype': ('float32', 'bfloat16')})
     if not torch.cuda.is_available():
         print("bench/kernels.py needs CUDA: the Triton kernels compile for the GPU. Nothing to do.")
         return 0

@@ -78,8 +78,8 @@ def time_steps(step, cfg, device):
 
 
 def main(argv):
-    cfg = configurator.main_parse(DEFAULTS, argv)
-    device, autocast, _, _ = train.setup_device(cfg)
+    cfg = configurator.main_parse(DEFAULTS, argv, checks=train.CHECKS)
+    device, dtype, _, _ = train.setup_device(cfg)
     if cfg.synthetic_vocab:
         meta = {'vocab_size': cfg.synthetic_vocab}
         batches = SyntheticRows(cfg.synthetic_vocab, cfg.block_size, cfg.seed)
@@ -88,11 +88,11 @@ def main(argv):
         batches = train.PackedBatches(cfg.data_dir, train.parse_mixture(cfg.dataset), 'train',
                                       cfg.block_size, cfg.seed, meta['vocab_size'])
     model, optimizer, _ = train.build(cfg, meta, device)
-    fwd = train.compiled(model, device) if cfg.compile else model
+    fwd = train.training_forward(model, cfg, device)
     peak = train.peak_flops(cfg, device)
 
     def ours():  # train.py's own step
-        _, n_dialogs, n_tokens = train.accumulate_gradients(fwd, batches, cfg, device, autocast, 0, 1)
+        _, n_dialogs, n_tokens = train.accumulate_gradients(fwd, batches, cfg, device, dtype)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -122,7 +122,7 @@ def main(argv):
     for name, result in results.items():
         if peak:
             result['mfu'] = round(model.estimate_mfu(result['tokens_per_s'], cfg.block_size, peak), 4)
-        setup = ({'dtype': cfg.dtype, 'kernels': cfg.kernels, 'compile': cfg.compile} if name == 'packed'
+        setup = ({'dtype': dtype, 'kernels': cfg.kernels, 'compile': cfg.compile} if name == 'packed'
                  else {'dtype': 'float32', 'kernels': 'torch', 'compile': False})
         print(json.dumps({'method': name, 'device': device, **setup, 'threads': torch.get_num_threads(),
                           'dataset': f'synthetic:{cfg.synthetic_vocab}' if cfg.synthetic_vocab else cfg.dataset,

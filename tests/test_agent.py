@@ -11,12 +11,14 @@ import torch
 
 import agent
 import configurator
+import dialog
 import train
 from conftest import prepare_dataset
 from tokenizer import ByteTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOK = ByteTokenizer()
+FMT = dialog.get('itl')
 USER, ASSISTANT, DATABASE, EOD = TOK.special_ids
 
 
@@ -36,7 +38,7 @@ class ScriptedModel:
     It records every token fed to every lane, so a test sees exactly what the model was shown;
     its next token is the script's next one after what the lane has generated so far (the
     tokens fed after the prompt, less the tool answers spliced in after each <|database|>).
-    The cache holds each row's lane number, so it follows the agent's compaction of rows.
+    Its cache rows hold their lane's number, so it follows the agent's dropping of lanes.
     """
 
     def __init__(self, scripts, block_size=256):
@@ -45,9 +47,12 @@ class ScriptedModel:
         self.embed = torch.nn.Embedding(1, 1)
         self.fed = [[] for _ in scripts]
 
-    def new_cache(self, batch_size, max_len, dtype=None):
-        lanes = torch.arange(batch_size)
-        return type('Cache', (), {'k': [lanes], 'v': [lanes]})()
+    def setup_cache(self, batch_size, max_len, dtype=None):
+        self.row_lane = torch.arange(batch_size)
+        self.cache_lengths = torch.zeros(batch_size, dtype=torch.long)
+
+    def keep_lanes(self, keep):
+        self.row_lane, self.cache_lengths = self.row_lane[keep], self.cache_lengths[keep]
 
     def generated(self, lane):
         fed = self.fed[lane]
@@ -60,22 +65,26 @@ class ScriptedModel:
             in_tool_answer = t == DATABASE
         return count
 
-    def extend(self, idx, cache, lengths, n_new, rows=None):
-        lanes = cache.k[0] if rows is None else cache.k[0][rows]
+    def prefill(self, idx, lengths):
+        return self.decode(idx, lengths)
+
+    def decode(self, idx, n_new, rows=None):
+        rows = torch.arange(len(self.row_lane)) if rows is None else rows
         logits = torch.zeros(len(idx), 260)
-        for row, lane in enumerate(lanes.tolist()):
-            if n_new[row] == 0:
+        for i, (row, lane) in enumerate(zip(rows.tolist(), self.row_lane[rows].tolist())):
+            if n_new[i] == 0:
                 continue
-            assert len(self.fed[lane]) == lengths[row]  # the agent's count of cached tokens
-            self.fed[lane] += idx[row, :n_new[row]].tolist()
+            assert len(self.fed[lane]) == self.cache_lengths[row]  # the agent's count of cached tokens
+            self.fed[lane] += idx[i, :n_new[i]].tolist()
+            self.cache_lengths[row] += n_new[i]
             script = self.scripts[lane]
-            logits[row, script[min(self.generated(lane), len(script) - 1)]] = 1.0
+            logits[i, script[min(self.generated(lane), len(script) - 1)]] = 1.0
         return logits
 
 
 def run_scripted(data_dir, questions, scripts, **kw):
     model = ScriptedModel(scripts)
-    bot = agent.Agent(model, TOK, agent.SqlTool(os.path.join(data_dir, 'people.db')))
+    bot = agent.Agent(model, TOK, FMT, agent.SqlTool(os.path.join(data_dir, 'people.db')))
     return bot.run(questions, **kw), model
 
 
@@ -105,7 +114,14 @@ def test_tool_answers_are_spliced_in_the_right_lane_at_the_right_place(data_dir)
     assert all(lane.finished for lane in lanes)
     for lane, fed in zip(lanes, model.fed):  # the model was fed each dialog but its last token
         assert TOK.decode(fed) == lane.text[:-len('<|eod|>')]
-    assert agent.final_answer(lanes[0].text) == f'{a} was born on {a_date}.'
+    assert FMT.final_answer(lanes[0].text) == f'{a} was born on {a_date}.'
+
+
+def test_special_tokens_in_a_database_answer_stay_plain_text(data_dir):
+    script = TOK.encode("SELECT 'x") + TOK.encode_ordinary('<|eod|>') + TOK.encode("y';<|database|>done<|eod|>")
+    lanes, model = run_scripted(data_dir, ['q'], [script])
+    assert lanes[0].text.endswith("<|database|>x<|eod|>y<|assistant|>done<|eod|>") and lanes[0].finished
+    assert EOD not in model.fed[0]  # the model was shown the bytes '<|eod|>', not the token
 
 
 def test_lanes_that_never_finish_stop_at_max_new_tokens(data_dir):
@@ -146,7 +162,7 @@ def test_sampling_is_seeded(data_dir, tmp_path):
     torch.manual_seed(0)
     from model import GPT, GPTConfig
     model = GPT(GPTConfig(n_embd=16, n_head=2, block_size=64)).eval()
-    bot = agent.Agent(model, TOK)
+    bot = agent.Agent(model, TOK, FMT)
     run = lambda seed: [l.text for l in bot.run(['Hi?'] * 4, max_new_tokens=12, temperature=1.0, top_k=20, seed=seed)]
     assert run(1) == run(1) and run(1) != run(2)
     greedy = [l.text for l in bot.run(['Hi?'] * 2, max_new_tokens=12)]

@@ -184,7 +184,7 @@ def _ce_inputs(shape, V, masked, device):
 
 
 def _ce_reference(h, w, targets, mask):
-    return model.masked_cross_entropy(h, w, targets, mask)[0]
+    return model.linear_cross_entropy(h, w, targets, mask)
 
 
 # vocab 300 with a block cap of 64 loops over 5 blocks; chunks of 7 tokens end part-filled;
@@ -246,7 +246,10 @@ def test_gpt_triton_matches_torch(device, packed, n_kv_head):
                             [0] * 3 + [1] * 3 + [2] * 4 + [-1] * 3], device=device) if packed else None
     losses = []
     for m in (ref, fused):
-        _, loss = m(idx, targets, loss_mask=loss_mask, doc_ids=doc_ids)
+        if packed:  # training's path, with the fused cross-entropy
+            loss = m.packed_loss(idx, targets, loss_mask, doc_ids)
+        else:
+            _, loss = m(idx, targets, loss_mask=loss_mask)
         loss.backward()
         losses.append(loss)
     torch.testing.assert_close(losses[1], losses[0], **F32)
@@ -272,16 +275,15 @@ def test_gpt_autocast_bf16_triton_matches_torch(device):
     assert_grads_match(fused, ref, 4e-2)
 
 
-def test_gpt_extend_triton_matches_torch(device):
+def test_gpt_decode_triton_matches_torch(device):
     """KV-cache inference: lanes at different positions, (B, 1, S, hd/2) rope tables."""
     ref, fused = _twin_models(device)
     idx = torch.randint(0, 37, (2, 4), device=device)
     logits = []
     for m in (ref, fused):
-        cache = m.new_cache(2, max_len=12)
-        lengths, n_new = torch.zeros(2, dtype=torch.long, device=device), torch.tensor([4, 2], device=device)
-        logits.append(m.extend(idx, cache, lengths, n_new))                   # prefill
-        logits.append(m.extend(idx[:, :1], cache, lengths + n_new, torch.ones_like(n_new)))  # one step
+        m.setup_cache(2, max_len=12)
+        logits.append(m.prefill(idx, torch.tensor([4, 2], device=device)))
+        logits.append(m.decode(idx[:, :1]))  # one step
     torch.testing.assert_close(logits[2], logits[0], **F32)
     torch.testing.assert_close(logits[3], logits[1], **F32)
 
@@ -301,10 +303,10 @@ def test_model_imports_without_triton():
         "import sys, warnings; sys.modules['triton'] = None\n"
         "import torch, model\n"
         "assert model.triton_kernels is None\n"
-        "m = model.GPT(model.GPTConfig(vocab_size=37, n_embd=24, kernels='triton'))\n"
         "with warnings.catch_warnings(record=True) as caught:\n"
         "    warnings.simplefilter('always')\n"
-        "    _, loss = m(torch.randint(0, 37, (2, 9)), torch.randint(0, 37, (2, 9)))\n"
+        "    m = model.GPT(model.GPTConfig(vocab_size=37, n_embd=24, kernels='triton'))\n"
+        "_, loss = m(torch.randint(0, 37, (2, 9)), torch.randint(0, 37, (2, 9)))\n"
         "assert torch.isfinite(loss) and any('Triton is unavailable' in str(w.message) for w in caught)\n")])
     assert done.returncode == 0, done.stderr
 

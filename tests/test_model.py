@@ -55,6 +55,8 @@ def test_masked_loss_is_the_mean_over_masked_positions(packed):
     expected = -(logp * mask).sum() / mask.sum()
     _, loss = model(idx, targets, mask, doc_ids)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)  # float32 logits vs float64
+    if packed:  # training's path: the same loss without logits where there is no loss
+        assert model.packed_loss(idx, targets, mask, doc_ids).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_packed_dialogs_compute_what_they_compute_alone():
@@ -82,7 +84,7 @@ def test_loss_and_gradients_do_not_depend_on_the_bucketing(monkeypatch, n_bucket
     for n in (8, n_buckets):
         monkeypatch.setattr(model_module.DialogLayout, 'n_buckets', n)
         model = tiny()
-        _, loss = model(idx, targets, mask, doc)
+        loss = model.packed_loss(idx, targets, mask, doc)
         loss.backward()
         results.append((loss, [p.grad for p in model.parameters()]))
     (loss_a, grads_a), (loss_b, grads_b) = results
@@ -100,7 +102,7 @@ def test_gradients_equal_those_of_the_loss_over_every_position():
     for pruned in (True, False):
         model = tiny(n_layer=3)
         if pruned:
-            _, loss = model(idx, targets, mask, doc)
+            loss = model.packed_loss(idx, targets, mask, doc)
         else:  # every real position through every layer, then the masked mean by hand
             logits, _ = model(idx, doc_ids=doc)
             losses = F.cross_entropy(logits.view(-1, 50), targets.view(-1), reduction='none')
@@ -134,18 +136,19 @@ def test_kv_cache_decoding_matches_full_forward():
     model = tiny().eval()
     idx = torch.randint(0, 50, (3, 40))
     full, _ = model(idx)
-    cache = model.new_cache(3, 48)
+    model.setup_cache(3, 48)
     length = torch.tensor([5, 12, 7])
     # prefill lanes of different lengths, right-padded
-    logits = model.extend(idx[:, :12], cache, torch.zeros(3, dtype=torch.long), length)
+    logits = model.prefill(idx[:, :12], length)
     for b in range(3):
         torch.testing.assert_close(logits[b], full[b, length[b] - 1], rtol=1e-5, atol=1e-5)
     # then lanes append different numbers of tokens at once (a tool answer), then one at a time
     for n_new in [torch.tensor([3, 1, 6])] + [torch.ones(3, dtype=torch.long)] * 15:
         offsets = length[:, None] + torch.arange(int(n_new.max()))
         step = idx.gather(1, offsets.clamp(max=39))
-        logits = model.extend(step, cache, length, n_new)
+        logits = model.decode(step, n_new)
         length = length + n_new
+        assert torch.equal(model.cache_lengths, length)
         for b in range(3):
             torch.testing.assert_close(logits[b], full[b, length[b] - 1], rtol=1e-5, atol=1e-5)
 
@@ -169,11 +172,56 @@ def test_bfloat16_kv_cache_stays_close_to_float32():
     model = tiny().eval()
     idx = torch.randint(0, 50, (2, 30))
     full, _ = model(idx)
-    cache = model.new_cache(2, 48, dtype=torch.bfloat16)
+    model.setup_cache(2, 48, dtype=torch.bfloat16)
     length = torch.tensor([10, 20])
-    model.extend(idx[:, :20], cache, torch.zeros(2, dtype=torch.long), length)
+    model.prefill(idx[:, :20], length)
     for _ in range(8):
-        logits = model.extend(idx.gather(1, length[:, None]), cache, length, torch.ones(2, dtype=torch.long))
+        logits = model.decode(idx.gather(1, length[:, None]))
         length = length + 1
         for b in range(2):  # keys and values rounded to bfloat16's 8 bits: ~1e-2 relative
             torch.testing.assert_close(logits[b], full[b, length[b] - 1], rtol=2e-2, atol=2e-2)
+
+
+def test_decoding_a_few_rows_and_dropping_lanes_keeps_every_lane_exact():
+    """agent.py splices a tool's answer into a few lanes only, and drops finished lanes."""
+    model = tiny().eval()
+    idx = torch.randint(0, 50, (4, 40))
+    full, _ = model(idx)
+    model.setup_cache(4, 48)
+    length = torch.tensor([5, 8, 6, 7])
+    model.prefill(idx[:, :8], length)
+    rows, n_new = torch.tensor([1, 3]), torch.tensor([4, 2])  # answers of 4 and 2 tokens
+    step = idx[rows].gather(1, length[rows, None] + torch.arange(4))
+    logits = model.decode(step, n_new, rows=rows)
+    length[rows] += n_new
+    assert torch.equal(model.cache_lengths, length)
+    for i, b in enumerate(rows.tolist()):
+        torch.testing.assert_close(logits[i], full[b, length[b] - 1], rtol=1e-5, atol=1e-5)
+    keep = torch.tensor([True, False, True, True])
+    model.keep_lanes(keep)
+    lanes = keep.nonzero().squeeze(1)
+    logits = model.decode(idx[lanes].gather(1, length[lanes, None]))
+    for i, b in enumerate(lanes.tolist()):
+        torch.testing.assert_close(logits[i], full[b, length[b]], rtol=1e-5, atol=1e-5)
+
+
+def test_checkpoints_load_as_plain_values_and_pickled_objects_are_refused(tmp_path):
+    import argparse
+    from dataclasses import asdict
+
+    from model import CheckpointError
+    model = tiny()
+    ckpt = {'model': model.state_dict(), 'model_args': asdict(model.config),
+            'config': {'data_dir': 'data', 'seeds': [1, 2]}, 'tokenizer': {'kind': 'byte'}}
+    torch.save(ckpt, tmp_path / 'ckpt.pt')
+    loaded, back = GPT.from_checkpoint(str(tmp_path), 'cpu')
+    assert back['config'] == ckpt['config'] and not loaded.training
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    (tmp_path / 'evil').mkdir()
+    torch.save({**ckpt, 'config': argparse.Namespace(data_dir='data')}, tmp_path / 'evil' / 'ckpt.pt')
+    with pytest.raises(CheckpointError, match='holds pickled Python objects') as refused:
+        GPT.from_checkpoint(str(tmp_path / 'evil'), 'cpu')
+    assert '\n' not in str(refused.value) and str(tmp_path / 'evil') in str(refused.value)
+    (tmp_path / 'ckpt.pt').write_bytes((tmp_path / 'ckpt.pt').read_bytes()[:500])  # truncated
+    with pytest.raises(CheckpointError, match='cannot be read.*corrupt'):
+        GPT.from_checkpoint(str(tmp_path), 'cpu')

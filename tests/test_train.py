@@ -10,6 +10,8 @@ import torch
 
 import configurator
 import train
+from configurator import ConfigError
+from model import CheckpointError, load_checkpoint
 from conftest import prepare_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,7 +30,7 @@ def config(data_dir, out_dir, *flags):
 
 
 def final_params(out_dir):
-    return torch.load(os.path.join(out_dir, 'ckpt.pt'), weights_only=False)['model']
+    return load_checkpoint(str(out_dir))['model']
 
 
 def test_rows_hold_whole_dialogs_in_seeded_order(data_dir):
@@ -73,25 +75,37 @@ def test_resumed_run_matches_uninterrupted_run_bitwise(data_dir, tmp_path):
 
 def test_resume_refuses_another_model_shape(data_dir, tmp_path):
     train.train(config(data_dir, tmp_path, '--max_iters=1'))
-    with pytest.raises(train.DataError, match='n_embd: checkpoint 32, now 64'):
+    with pytest.raises(CheckpointError, match='n_embd: checkpoint 32, now 64'):
         train.train(config(data_dir, tmp_path, '--max_iters=2', '--init_from=resume', '--n_embd=64'))
-    with pytest.raises(train.DataError, match='--init_from=resume'):
+    with pytest.raises(CheckpointError, match='--init_from=resume'):
         train.train(config(data_dir, tmp_path, '--max_iters=2'))  # would overwrite the checkpoint
 
 
-def test_ddp_matches_single_process(data_dir, tmp_path):
-    flags = [f'--data_dir={data_dir}', '--n_embd=32', '--n_head=2', '--batch_size=4', '--max_iters=4',
-             '--gradient_accumulation_steps=2', '--warmup_iters=1', '--device=cpu', '--threads=1',
-             '--eval_interval=1000', '--eval_iters=1']
+@pytest.mark.parametrize('n_proc, flags', [(2, []), (4, ['--gradient_accumulation_steps=2'])])
+def test_torchrun_on_a_shipped_config_makes_the_updates_of_one_process(data_dir, tmp_path, n_proc, flags):
+    """config/quick.py as shipped (64 rows a step), made tiny by flags that do not touch the
+    batch: each process takes its share of every micro-batch, weighted by its loss tokens."""
+    flags = ['config/quick.py', f'--data_dir={data_dir}', '--n_embd=32', '--max_iters=3', '--warmup_iters=1',
+             '--eval_interval=1000', '--eval_iters=1', '--eval_questions=0', '--stop_metric=',
+             '--log_interval=1', '--device=cpu', '--threads=1', *flags]
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    ddp = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                          'train.py', f'--out_dir={tmp_path}/ddp', *flags],
+    ddp = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                          f'--nproc_per_node={n_proc}', 'train.py', *flags, f'--out_dir={tmp_path}/ddp'],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    train.train(configurator.parse(train.DEFAULTS, [f'--out_dir={tmp_path}/single', *flags]))
+    train.train(configurator.parse(train.DEFAULTS, [*flags, f'--out_dir={tmp_path}/single']))
     a, b = final_params(tmp_path / 'ddp'), final_params(tmp_path / 'single')
-    for k in a:  # all-reduce sums gradients in another order than accumulation: a few ulps
+    for k in a:  # all-reduce sums gradients in another order than one process: a few ulps
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    logged = [json.loads(l) for l in open(tmp_path / 'ddp' / 'metrics.jsonl')]
+    single = [json.loads(l) for l in open(tmp_path / 'single' / 'metrics.jsonl')]
+    loss = lambda rows: [r['loss'] for r in rows if 'loss' in r]  # the step's loss, all processes'
+    assert len(loss(logged)) == 3 and loss(logged) == pytest.approx(loss(single), rel=1e-4)
+
+
+def test_a_batch_too_small_to_share_is_refused_naming_the_option(data_dir, tmp_path):
+    with pytest.raises(ConfigError, match='batch_size 3 rows cannot be shared by 4 processes: use --batch_size=4'):
+        train.check_options(config(data_dir, tmp_path, '--batch_size=3'), world=4)
 
 
 def test_missing_data_and_mismatched_shards_name_the_fix(tmp_path, data_dir):
@@ -121,17 +135,17 @@ def test_schedule_warms_up_then_decays_to_the_floor():
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
-    forward, calls = train.GPT.forward, []
+    forward, calls = train.GPT.packed_loss, []
 
     def nan_after_five(self, *args, **kwargs):
-        logits, loss = forward(self, *args, **kwargs)
+        loss = forward(self, *args, **kwargs)
         calls.append(1)
-        return logits, loss * float('nan') if len(calls) > 5 and self.training else loss
+        return loss * float('nan') if len(calls) > 5 and self.training else loss
 
-    monkeypatch.setattr(train.GPT, 'forward', nan_after_five)
+    monkeypatch.setattr(train.GPT, 'packed_loss', nan_after_five)
     with pytest.raises(FloatingPointError, match='last good checkpoint'):
         train.train(config(data_dir, tmp_path, '--max_iters=10', '--ckpt_interval=4'))
-    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=False)
+    ckpt = load_checkpoint(str(tmp_path))
     assert ckpt['step'] == 4 and all(torch.isfinite(p).all() for p in ckpt['model'].values())
 
 
@@ -139,14 +153,14 @@ def test_corrupt_checkpoint_is_named_and_refused(data_dir, tmp_path):
     train.train(config(data_dir, tmp_path, '--max_iters=1'))
     path = tmp_path / 'ckpt.pt'
     path.write_bytes(path.read_bytes()[:1000])  # truncated, as by a full disk
-    with pytest.raises(train.DataError, match=f'{path} cannot be read'):
+    with pytest.raises(CheckpointError, match=f'{path} cannot be read'):
         train.train(config(data_dir, tmp_path, '--max_iters=2', '--init_from=resume'))
 
 
 def test_compile_on_cpu_without_a_compiler_says_what_to_install(monkeypatch):
     monkeypatch.setattr(train.shutil, 'which', lambda name: None)
     model = torch.nn.Linear(2, 2)
-    with pytest.raises(train.DataError, match='needs a C\\+\\+ compiler.*--compile=False'):
+    with pytest.raises(ConfigError, match='needs a C\\+\\+ compiler.*--compile=False'):
         train.compiled(model, 'cpu')
 
 
@@ -155,14 +169,15 @@ def test_compiled_model_matches_eager_on_packed_batches_of_changing_shape(data_d
     cfg = config(data_dir, tmp_path, '--n_layer=1')  # compiling takes most of this test: keep it small
     meta = train.load_dataset_meta(data_dir)
     model, _, _ = train.build(cfg, meta, 'cpu')
-    fast = train.compiled(model, 'cpu')
+    eager = train.PackedLoss(model)
+    fast = train.compiled(eager, 'cpu')
     batches = train.PackedBatches(data_dir, {'qatool': 1.0}, 'train', cfg.block_size, 0, meta['vocab_size'])
     for n_rows in (6, 3):  # two shapes, one graph
         idx, targets, mask, doc_ids = train.to_batch(batches.next_rows(n_rows), 'cpu')
         losses, grads = [], []
-        for m in (model, fast):
+        for m in (eager, fast):
             model.zero_grad()
-            _, loss = m(idx, targets, mask, doc_ids)
+            loss = m(idx, targets, mask, doc_ids)
             loss.backward()
             losses.append(loss.item())
             grads.append([p.grad.clone() for p in model.parameters()])
@@ -178,12 +193,12 @@ def test_compiled_training_on_full_batches_compiles_once(data_dir, tmp_path):
     cfg = config(data_dir, tmp_path, '--n_layer=1', '--batch_size=128')
     meta = train.load_dataset_meta(data_dir)
     model, _, _ = train.build(cfg, meta, 'cpu')
-    fast = train.compiled(model, 'cpu')
+    fast = train.compiled(train.PackedLoss(model), 'cpu')
     batches = train.PackedBatches(data_dir, {'qatool': 1.0}, 'train', cfg.block_size, 0, meta['vocab_size'])
     graphs, shapes = [], set()
     for _ in range(6):
         idx, targets, mask, doc_ids = train.to_batch(batches.next_rows(cfg.batch_size), 'cpu')
-        _, loss = fast(idx, targets, mask, doc_ids)
+        loss = fast(idx, targets, mask, doc_ids)
         loss.backward()
         shapes.add((int((doc_ids >= 0).sum()), int(mask.sum())))
         graphs.append(counters['stats']['unique_graphs'])
@@ -215,3 +230,24 @@ def test_cpu_training_keeps_freed_activations_for_reuse():
         return int(out.stdout)
     assert mmapped('default') >= 20 << 20  # glibc's default: such blocks are mmapped, faulted in anew
     assert mmapped('train') == 0            # kept: they come from the heap and are reused
+
+
+def test_metrics_file_starts_anew_on_overwrite_and_grows_on_resume(data_dir, tmp_path):
+    rows = lambda: [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
+    train.train(config(data_dir, tmp_path, '--max_iters=3'))
+    first = rows()
+    assert [r['step'] for r in first] == [1, 2, 3, 3] and all(r['time'] > 1.7e9 for r in first)
+    train.train(config(data_dir, tmp_path, '--max_iters=2', '--overwrite=True'))
+    assert [r['step'] for r in rows()] == [1, 2, 2]  # the old run's rows are gone
+    train.train(config(data_dir, tmp_path, '--max_iters=4', '--init_from=resume'))
+    assert [r['step'] for r in rows()] == [1, 2, 2, 3, 4, 4]
+    assert all(a['time'] <= b['time'] for a, b in zip(rows(), rows()[1:]))
+
+
+def test_wandb_logging_when_asked(data_dir, tmp_path, monkeypatch):
+    pytest.importorskip('wandb', reason='wandb is optional and not installed')
+    monkeypatch.setenv('WANDB_MODE', 'offline')
+    monkeypatch.setenv('WANDB_DIR', str(tmp_path))
+    train.train(config(data_dir, tmp_path, '--max_iters=2', '--wandb_log=True', '--wandb_run_name=t'))
+    assert list((tmp_path / 'wandb').glob('offline-run-*'))
+    assert len(open(tmp_path / 'metrics.jsonl').readlines()) == 3  # the JSONL stays the record
