@@ -50,7 +50,7 @@ SWEEP = dict(
     n_ood=200,                 # never-trained people in every dataset (for recall_ood)
     eval_questions=256,        # cap: a run evaluates min(4 * n_people, this) questions per split
     iters_per_person=0.0,      # a run's step budget: min(max_iters, min_iters + this * n_people)
-    min_iters=0,
+    min_iters=0,               # the step budget's floor (see iters_per_person)
     lr_ref_width=0,            # >0: learning_rate and min_lr are for this width, scaled by
                                # lr_ref_width / n_embd for the others (Adam's lr ~ 1 / width)
     # early stop per dataset: in-weight runs on their own people, in-tool runs on both populations

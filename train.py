@@ -383,8 +383,10 @@ class RunLog:
             self.wandb = wandb.init(project=cfg.wandb_project, config=vars(cfg),
                                     name=cfg.wandb_run_name or os.path.basename(os.path.abspath(cfg.out_dir)))
 
-    def write(self, row, text):
-        print(text, flush=True)
+    def write(self, row, text=None):
+        """One row: printed (as `text`, else as 'key value | ...'), then recorded."""
+        row = {k: float(f'{v:.5g}') if isinstance(v, float) else v for k, v in row.items()}
+        print(text or ' | '.join(f'{k} {v}' for k, v in row.items()), flush=True)
         self.file.write(json.dumps({**row, 'time': round(time.time(), 3)}) + '\n')
         self.file.flush()
         if self.wandb:
@@ -433,6 +435,24 @@ def accumulate_gradients(forward, batches, cfg, device, dtype, rank=0, world=1):
         dist.all_reduce(total)
         loss_sum = total.item()
     return loss_sum, n_dialogs, n_tokens
+
+
+def optimizer_step(step, model, optimizer, forward, batches, cfg, device, dtype, rank, world):
+    """One update at this step's learning rate -> what it did: loss, lr, gradient norm, speed."""
+    lr = lr_at(step, cfg)
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    t0 = time.time()
+    loss, n_dialogs, n_tokens = accumulate_gradients(forward, batches, cfg, device, dtype, rank, world)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float('inf')))
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # the same on every process
+        raise FloatingPointError(f"loss is {loss} at step {step}: stopped; the last good "
+                                 f"checkpoint is kept in {cfg.out_dir}. Try a lower learning_rate")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    dt = time.time() - t0
+    return {'step': step + 1, 'loss': loss, 'lr': lr, 'grad_norm': grad_norm, 'step_ms': dt * 1000,
+            'tokens_per_s': n_tokens / dt, 'dialogs_per_s': n_dialogs / dt}
 
 
 @torch.no_grad()
@@ -517,29 +537,13 @@ def train(cfg):
     peak = peak_flops(cfg, device)
     clock, metrics, best_loss = Clock(cfg, step), {}, float('inf')  # best training loss of this run
     while step < cfg.max_iters:
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group['lr'] = lr
-        t0 = time.time()
-        loss, n_dialogs, n_tokens = accumulate_gradients(forward, train_batches, cfg, device, dtype,
-                                                         rank, world)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float('inf'))
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # the same on every process
-            raise FloatingPointError(f"loss is {loss} at step {step}: stopped; the last good "
-                                     f"checkpoint is kept in {cfg.out_dir}. Try a lower learning_rate")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        best_loss = min(best_loss, loss)
-        dt = time.time() - t0
-        clock.train_s += dt
+        row = optimizer_step(step, model, optimizer, forward, train_batches, cfg, device, dtype, rank, world)
+        step, best_loss = step + 1, min(best_loss, row['loss'])
+        clock.train_s += row['step_ms'] / 1000
         if master and (step % cfg.log_interval == 0 or step == cfg.max_iters):
-            row = {'step': step, 'loss': round(loss, 5), 'lr': lr, 'grad_norm': round(float(grad_norm), 4),
-                   'step_ms': round(dt * 1000, 2), 'tokens_per_s': round(n_tokens / dt),
-                   'dialogs_per_s': round(n_dialogs / dt, 1)}
             if peak:
-                row['mfu'] = round(model.estimate_mfu(n_tokens / dt, cfg.block_size, peak), 4)
-            log.write(row, ' | '.join(f'{k} {v}' for k, v in row.items()) + f' | eta {clock.eta(step):.0f}s')
+                row['mfu'] = model.estimate_mfu(row['tokens_per_s'], cfg.block_size, peak)
+            log.write({**row, 'eta_s': round(clock.eta(step))})
         if step % cfg.eval_interval == 0 or step == cfg.max_iters:
             t0 = time.time()
             metrics = evaluate(model, cfg, meta, val_batches, device, dtype) if master else {}
@@ -557,6 +561,7 @@ def train(cfg):
     if log:
         log.close()
     if world > 1:
+        del forward     # DDP's reducer goes before its process group: torn down after, it can hang
         dist.barrier()  # every rank leaves together: gloo aborts if a peer tears down mid-call
         dist.destroy_process_group()
     return {'step': step, 'best_loss': best_loss, 'best_val': best_val,

@@ -25,11 +25,11 @@ import configurator  # noqa: E402
 
 DEFAULTS = dict(
     shapes='both',           # 'tiny' | 'gpt2' | 'both'
-    ops='rms_norm,add_rms_norm,rope,swiglu,linear_cross_entropy',
+    ops='rms_norm,add_rms_norm,rope,swiglu,linear_cross_entropy',  # the ops to time
     dtype='bfloat16',        # of the activations and weights
     bandwidth=0.0,           # device memory bandwidth in GB/s; 0: look it up by device name
     compile=True,            # also time torch.compile of the reference
-    out=os.path.join('bench', 'kernels.json'),
+    out=os.path.join('bench', 'kernels.json'),  # the table is also written here
 )
 # (name fragment, GB/s): first match wins, so the more specific names come first
 BANDWIDTH_GBPS = [('H200', 4800), ('H100 PCIe', 2000), ('H100', 3350), ('A100-SXM4-80GB', 2039),

@@ -188,3 +188,32 @@ def test_missing_checkpoint_is_one_clear_line(tmp_path):
     r = subprocess.run([sys.executable, 'agent.py', f'--out_dir={tmp_path}'], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode != 0 and r.stderr.startswith('error: no checkpoint at') and 'train.py' in r.stderr
+
+
+def test_a_copied_run_and_data_folder_still_evaluate_after_the_originals_are_gone(tmp_path):
+    """The checkpoint holds its tokenizer (a learnt BPE here) and where its data is relative to
+    itself: moved together, agent.py and sample.py find everything."""
+    import shutil
+    prepare_dataset(tmp_path / 'a' / 'data', 12, 4, '--bpe_vocab=300')
+    train.train(configurator.parse(train.DEFAULTS, [
+        f'--data_dir={tmp_path}/a/data', f'--out_dir={tmp_path}/a/runs/one', '--max_iters=2',
+        '--batch_size=4', '--n_embd=16', '--eval_interval=1000', '--eval_iters=1', '--device=cpu']))
+    shutil.copytree(tmp_path / 'a', tmp_path / 'b')
+    shutil.rmtree(tmp_path / 'a')
+    out_dir = tmp_path / 'b' / 'runs' / 'one'
+    r = subprocess.run([sys.executable, 'agent.py', f'--out_dir={out_dir}', '--n=4', '--max_new_tokens=30',
+                        f'--records={tmp_path}/records.jsonl'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.splitlines()[-1])['n'] == 4
+    records = [json.loads(l) for l in open(tmp_path / 'records.jsonl')]
+    assert len(records) == 4 and set(records[0]) >= {'question', 'expected', 'sql', 'database', 'answer',
+                                                      'correct', 'tool_calls', 'tool_errors'}
+    r = subprocess.run([sys.executable, 'sample.py', f'--out_dir={out_dir}', '--num_random=1', '--max_new_tokens=30'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and 'user: ' in r.stdout, r.stderr
+
+
+def test_accuracy_interval_is_wilsons():
+    low, high = agent.wilson_interval(8, 10)
+    assert (round(low, 4), round(high, 4)) == (0.4902, 0.9433)  # the textbook value for 8 of 10
+    assert agent.wilson_interval(0, 50)[0] == 0.0 and 0.05 < agent.wilson_interval(0, 50)[1] < 0.08
