@@ -200,11 +200,18 @@ def load_trained(out_dir, device, data_dir=''):
     return model, ckpt, data_dir or checkpoint_data_dir(ckpt, out_dir)
 
 
-def make_agent(model, tokenizer_meta, db_path, dataset, dtype='float32'):
+def tokenizer_meta(meta):
+    """What a checkpoint keeps of its dataset's meta.json: the tokenizer itself, its special
+    ids, the dialog format."""
+    return {'tokenizer': meta['tokenizer'], 'special_tokens': meta['special_tokens'],
+            'format': meta.get('format', 'itl')}
+
+
+def make_agent(model, tokenizer_info, db_path, dataset, dtype='float32'):
     """In-tool models get the SQL tool; in-weight ones answer from memory, with no tool turn.
-    tokenizer_meta: what a checkpoint keeps of its data (train.tokenizer_meta)."""
-    tokenizer = tok.from_meta(tokenizer_meta['tokenizer'])
-    fmt = dialog.get(tokenizer_meta.get('format', 'itl'))
+    tokenizer_info: tokenizer_meta() of the model's data (a checkpoint's 'tokenizer')."""
+    tokenizer = tok.from_meta(tokenizer_info['tokenizer'])
+    fmt = dialog.get(tokenizer_info.get('format', 'itl'))
     sql_tool = SqlTool(db_path) if 'qatool' in dataset else None
     return Agent(model, tokenizer, fmt, sql_tool, cache_dtype=getattr(torch, dtype))
 
@@ -283,8 +290,7 @@ def evaluate(agent, questions, batch_size=1024, records='', **sampling):
 
 def recall_metrics(model, data_dir, meta, dataset, n):
     """train.py's periodic recall: accuracy on n questions about trained and about OOD people."""
-    tokenizer_meta = {'tokenizer': meta['tokenizer'], 'format': meta.get('format', 'itl')}
-    bot = make_agent(model, tokenizer_meta, os.path.join(data_dir, 'people.db'), dataset)
+    bot = make_agent(model, tokenizer_meta(meta), os.path.join(data_dir, 'people.db'), dataset)
     out = {}
     for split, key in (('train', 'recall'), ('ood', 'recall_ood')):
         out[key] = evaluate(bot, read_questions(data_dir, split, n))[0]['accuracy']

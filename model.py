@@ -13,7 +13,7 @@ Several dialogs may share a row: `doc_ids` (B, T) says which dialog each token b
 attention never crosses from one to another. RoPE makes attention depend only on relative
 positions, so a dialog packed at offset 100 of a row computes exactly what it would at offset 0.
 
-The PyTorch functions below are the reference; kernels.py holds fused Triton versions of the
+The PyTorch functions below are the reference; triton_kernels.py holds fused Triton versions of the
 same math under the same names. Which of the two the model runs is decided when its weights are
 placed on a device (`kernel_ops`), not on every call. Both paths share every parameter.
 """
@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 try:
-    import kernels as triton_kernels  # needs triton; absent or broken -> PyTorch everywhere
+    import triton_kernels  # needs triton; absent or broken -> PyTorch everywhere
 except Exception:  # noqa: BLE001 - any import failure means "no Triton", never a crash
     triton_kernels = None
 
@@ -104,7 +104,7 @@ def autocast(device, dtype):
 
 
 # ----------------------------------------------------------------------------------------------
-# PyTorch reference functions (kernels.py has fused versions under the same names)
+# PyTorch reference functions (triton_kernels.py has fused versions under the same names)
 
 def rms_norm(x, weight, eps):
     """x / rms(x) * weight, computed in float32 and cast back (the numerical spec)."""
@@ -158,7 +158,7 @@ TORCH_OPS = types.SimpleNamespace(rms_norm=rms_norm, add_rms_norm=add_rms_norm, 
 
 
 def kernel_ops(kernels, device):
-    """The ops a model on `device` runs: kernels.py's when asked for ('auto', 'triton') and
+    """The ops a model on `device` runs: triton_kernels.py's when asked for ('auto', 'triton') and
     possible (CUDA and an importable triton; or Triton's CPU interpreter, for tests), else the
     PyTorch references. kernels='triton' where it is not possible warns and runs PyTorch."""
     if kernels == 'torch':
@@ -261,7 +261,7 @@ class DialogLayout:
 
 
 # ----------------------------------------------------------------------------------------------
-# Modules. Each module with math that has a fused version holds `ops` (TORCH_OPS or kernels.py),
+# Modules. Each module with math that has a fused version holds `ops` (TORCH_OPS or triton_kernels.py),
 # set by GPT whenever its weights move to a device.
 
 class RMSNorm(nn.Module):

@@ -312,12 +312,6 @@ def build(cfg, meta, device):
     return model, optimizer, asdict(gpt_config)
 
 
-def tokenizer_meta(meta):
-    """What a checkpoint keeps of its data: the tokenizer itself, its special ids, the format."""
-    return {'tokenizer': meta['tokenizer'], 'special_tokens': meta['special_tokens'],
-            'format': meta.get('format', 'itl')}
-
-
 def start(cfg, meta, device, train_batches):
     """-> (model, optimizer, step, best_val): new, or resumed exactly from out_dir/ckpt.pt."""
     model, optimizer, model_args = build(cfg, meta, device)
@@ -331,7 +325,7 @@ def start(cfg, meta, device, train_batches):
     missing = [k for k in TRAINING_KEYS if k not in ckpt]
     if missing:
         raise CheckpointError(f"{path} cannot be resumed (it has no {', '.join(missing)})")
-    check_compatible(ckpt, model_args, tokenizer_meta(meta), path)
+    check_compatible(ckpt, model_args, agent.tokenizer_meta(meta), path)
     model.load_state_dict(ckpt['model'])
     optimizer.load_state_dict(ckpt['optimizer'])
     train_batches.load_state(ckpt['data_state'])
@@ -531,7 +525,7 @@ def train(cfg):
                             optimizer=optimizer.state_dict(), model_args=asdict(model.config),
                             config=vars(cfg), step=step, best_val=best_val,
                             data_state=train_batches.state(), rng_state=torch.get_rng_state(),
-                            tokenizer=tokenizer_meta(meta),
+                            tokenizer=agent.tokenizer_meta(meta),
                             data_dir=os.path.relpath(cfg.data_dir, cfg.out_dir))  # moves with out_dir
 
     peak = peak_flops(cfg, device)

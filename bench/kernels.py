@@ -1,5 +1,5 @@
 """
-Benchmark kernels.py against PyTorch: eager (model.py's reference), torch.compile of the same
+Benchmark triton_kernels.py against PyTorch: eager (model.py's reference), torch.compile of the same
 reference, and the Triton kernel, forward and forward+backward, at the paper's tiny model
 (B*T = 128*256, n_embd 64, vocab 260) and at GPT-2 small (B*T = 8*1024, n_embd 768, vocab 50304).
 
@@ -17,7 +17,7 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[0] = ROOT  # not bench/: this file, bench/kernels.py, would shadow the repo's kernels.py
+sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
@@ -43,7 +43,7 @@ SHAPES = {  # B, T, n_embd, n_head, vocab
 def make_cases(s, dtype, dev):
     """-> {op: (reference fn, triton fn, inputs, bytes(mode), flops(mode))} for one shape set."""
     import model
-    import kernels
+    import triton_kernels as kernels
     B, T, C, nh, V = s['B'], s['T'], s['C'], s['nh'], s['V']
     N, hd, e = B * T, C // nh, torch.finfo(dtype).bits // 8
 

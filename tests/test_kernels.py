@@ -1,4 +1,4 @@
-"""kernels.py against the PyTorch references in model.py: output, dX and dW of every Triton op.
+"""triton_kernels.py against the PyTorch references in model.py: output, dX and dW of every Triton op.
 
 On a GPU the kernels compile and the float32 tests run on CUDA tensors, plus bf16 tests at real
 sizes. Without one (CI), Triton's interpreter runs them in numpy on CPU tensors. That needs
@@ -24,11 +24,11 @@ if _SET_HERE:
 try:
     import model
     triton = pytest.importorskip('triton', reason='Triton is not installed: PyTorch is all there is')
-    kernels = pytest.importorskip('kernels', reason='kernels.py does not import')
+    kernels = pytest.importorskip('triton_kernels', reason='triton_kernels.py does not import')
 finally:
     if _SET_HERE:
         del os.environ['TRITON_INTERPRET']
-if _SET_HERE:  # kernels.py read the variable at import: on for this module's tests only
+if _SET_HERE:  # triton_kernels.py read the variable at import: on for this module's tests only
     kernels.INTERPRET = False
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
