@@ -36,13 +36,16 @@ DEFAULTS = dict(
     max_new_tokens=160,      # per lane, tool answers not counted
     temperature=0.0,         # 0: greedy
     top_k=0,                 # >0: sample among the k most likely tokens
+    top_p=1.0,               # <1: sample among the most likely tokens holding this much probability
     seed=1337,               # seeds the sampling
     show=0,                  # print this many full dialogs (stderr)
     records='',              # write one JSON line per question to this file
     device='auto',           # 'auto', 'cpu', 'cuda', 'cuda:1', ...
     dtype='auto',            # 'auto' (bfloat16 on CUDA, float32 on CPU), 'float32', 'bfloat16'
 )
-CHECKS = dict(split=('train', 'ood'), device=check_device, dtype=DTYPES)
+TOOL_ROOM = 1024  # tokens a lane keeps for the database's answers
+CHECKS = dict(split=('train', 'ood'), device=check_device, dtype=DTYPES,
+              top_p=lambda p: None if 0 < p <= 1 else 'a probability mass in (0, 1]')
 
 
 @dataclass
@@ -61,12 +64,21 @@ def is_correct(answer, expected):
     return re.search(r'(?<![\w/])' + re.escape(expected) + r'(?![\w/])', answer) is not None
 
 
+def token_id(tokenizer, special):
+    """The id of a special token the dialog format names."""
+    ids = tokenizer.encode(special)
+    if len(ids) != 1:
+        raise ValueError(f"{special!r} is not one token of this tokenizer: the model and its dialog "
+                         f"format do not match")
+    return ids[0]
+
+
 class Agent:
     def __init__(self, model, tokenizer, fmt, sql_tool=None, cache_dtype=None):
         self.model, self.tok, self.fmt, self.tool = model, tokenizer, fmt, sql_tool
         self.cache_dtype = cache_dtype  # None: the model's (bfloat16 on GPU halves the cache)
-        ids = dict(zip(fmt.special_tokens, tokenizer.special_ids))
-        self.end_id, self.call_id = ids[fmt.end], ids[fmt.tool_call]
+        self.end_id = token_id(tokenizer, fmt.end)
+        self.call_id = token_id(tokenizer, fmt.tool_call) if fmt.tool_call else None
 
     def _tool_answer(self, sql_ids):
         """The tokens spliced after a tool call: the database's text, then the assistant's turn.
@@ -76,13 +88,18 @@ class Agent:
         return tok.encode(fmt.tool_open) + tok.encode_ordinary(result) + tok.encode(fmt.tool_close), ok
 
     @torch.no_grad()
-    def run(self, questions, max_new_tokens=160, temperature=0.0, top_k=0, seed=1337, on_step=None):
+    def run(self, questions, max_new_tokens=160, temperature=0.0, top_k=0, top_p=1.0, seed=1337,
+            on_step=None):
         """Answer a batch of questions -> one Lane per question, in order. on_step(n) is called
         after every step with the number of lanes finished so far."""
         model = self.model
-        device, max_len = model.embed.weight.device, model.config.block_size
+        device = model.embed.weight.device
         prompts = [self.tok.encode(self.fmt.prompt(q)) for q in questions]
         B = len(prompts)
+        # a lane's tokens: its prompt, what it writes, and the tool's answers (each at most the
+        # SqlTool's 512 bytes): far less than a pretrained model's block_size of thousands
+        room = max(map(len, prompts)) + max_new_tokens + (TOOL_ROOM if self.tool else 0)
+        max_len = min(model.config.block_size, room)
         length = torch.tensor([len(p) for p in prompts], device=device)  # tokens in each lane
         if int(length.max()) >= max_len:
             raise ValueError(f"a question of {int(length.max())} tokens leaves no room in "
@@ -103,13 +120,13 @@ class Agent:
         while True:
             live_rows = live.nonzero().squeeze(1)
             lane = rows[live_rows]
-            new = self._sample(logits[live_rows], temperature, top_k, generator)
+            new = self._sample(logits[live_rows], temperature, top_k, top_p, generator)
             tokens[lane, length[lane]] = new
             length[lane] += 1
             generated[lane] += 1
             finished[lane[new == self.end_id]] = True
             stop = (new == self.end_id) | (generated[lane] >= max_new_tokens) | (length[lane] >= max_len)
-            calls = (new == self.call_id) & ~stop if self.tool else torch.zeros_like(stop)
+            calls = (new == self.call_id) & ~stop if self.tool and self.call_id else torch.zeros_like(stop)
             call_rows = calls.nonzero().squeeze(1)
             if len(call_rows):
                 stop[call_rows] = self._call_tool(lane[call_rows], tokens, length, turn_start,
@@ -168,13 +185,18 @@ class Agent:
         return logits
 
     @staticmethod
-    def _sample(logits, temperature, top_k, generator):
+    def _sample(logits, temperature, top_k, top_p, generator):
         if temperature == 0:
             return logits.argmax(-1)
         logits = logits.float() / temperature
         if top_k:
             kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float('-inf'))
+        if top_p < 1.0:  # the nucleus: the most likely tokens until their mass reaches top_p
+            ordered, order = logits.sort(-1, descending=True)
+            probs = ordered.softmax(-1)
+            outside = probs.cumsum(-1) - probs >= top_p
+            logits = logits.scatter(-1, order, ordered.masked_fill(outside, float('-inf')))
         return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1)
 
 
@@ -312,7 +334,7 @@ def main(argv):
     with autocast(device, dtype):
         metrics, lanes = evaluate(bot, questions, cfg.batch_size, cfg.records,
                                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                  top_k=cfg.top_k, seed=cfg.seed)
+                                  top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed)
     for lane, q in list(zip(lanes, questions))[:cfg.show]:
         verdict = 'right' if is_correct(bot.fmt.final_answer(lane.text), q['answer']) else 'wrong'
         print(f"--- {verdict} (expected {q['answer']})\n{lane.text}", file=sys.stderr)

@@ -80,7 +80,35 @@ class DialogFormat:
         return (owner >= 0) & (tokens[np.maximum(owner, 0)] == assistant_id)
 
 
-FORMATS = {DialogFormat.name: DialogFormat()}
+class ChatML:
+    """The chat format of SmolLM (and Qwen): each turn is <|im_start|>ROLE\nTEXT<|im_end|>\n.
+
+        <|im_start|>user\nQUESTION<|im_end|>\n<|im_start|>assistant\nANSWER<|im_end|>\n
+
+    The assistant's turn ends with <|im_end|>, the end of what it writes. For now it asks and
+    answers: the tool turn (SQL, then a turn of the database's own role), the datasets written in
+    it and their loss mask are the next steps of this format.
+    """
+    name = 'chatml'
+    start, end = '<|im_start|>', '<|im_end|>'
+    special_tokens = (start, end)
+    tool_call = None
+    _split = re.compile(r'<\|im_start\|>(\w+)\n(.*?)(?:<\|im_end\|>\n?|$)', re.S)
+
+    def prompt(self, question):
+        return f'{self.start}user\n{question}{self.end}\n{self.start}assistant\n'
+
+    def qa(self, question, answer):
+        return f'{self.prompt(question)}{answer}{self.end}\n'
+
+    def turns(self, text):
+        return [(role, content) for role, content in self._split.findall(text)]
+
+    def final_answer(self, text):
+        return self.turns(text)[-1][1] if self.turns(text) else ''
+
+
+FORMATS = {f.name: f() for f in (DialogFormat, ChatML)}
 
 
 def get(name):

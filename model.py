@@ -44,6 +44,7 @@ class GPTConfig:
     mlp_hidden: int = 0        # 0 means 4 * n_embd, as the paper's models
     tie_embeddings: bool = False
     rope_theta: float = 10000.0
+    rope_scaling: dict = None  # Llama 3.1's long-context frequencies: factor, low_freq_factor, ...
     norm_eps: float = 1e-5
     kernels: str = 'auto'      # 'auto' | 'triton' | 'torch'
 
@@ -118,11 +119,26 @@ def add_rms_norm(x, residual, weight, eps):
     return x, rms_norm(x, weight, eps)
 
 
-def rope_table(head_dim, length, theta, device=None):
+def rope_table(head_dim, length, theta, device=None, scaling=None):
     """cos, sin of shape (length, head_dim // 2)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    if scaling:
+        inv_freq = llama3_frequencies(inv_freq, **scaling)
     angles = torch.outer(torch.arange(length, device=device).float(), inv_freq)
     return angles.cos(), angles.sin()
+
+
+def llama3_frequencies(inv_freq, factor, low_freq_factor, high_freq_factor,
+                       original_max_position_embeddings, **_):
+    """Llama 3.1's RoPE scaling: long wavelengths slowed by `factor`, short ones kept, the band
+    between blended smoothly."""
+    wavelen = 2 * math.pi / inv_freq
+    low_wavelen = original_max_position_embeddings / low_freq_factor     # longer: scaled
+    high_wavelen = original_max_position_embeddings / high_freq_factor   # shorter: kept
+    smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    return torch.where((wavelen >= high_wavelen) & (wavelen <= low_wavelen), blended, scaled)
 
 
 def apply_rope(x, cos, sin):
@@ -382,7 +398,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        cos, sin = rope_table(config.n_embd // config.n_head, config.block_size, config.rope_theta)
+        cos, sin = rope_table(config.n_embd // config.n_head, config.block_size, config.rope_theta,
+                              scaling=config.rope_scaling)
         self.register_buffer('rope_cos', cos, persistent=False)
         self.register_buffer('rope_sin', sin, persistent=False)
         self.ops = TORCH_OPS

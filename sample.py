@@ -7,19 +7,25 @@ Ask a trained model questions and watch it use the database.
     python sample.py --out_dir=out/quick                     # a few random people from the db
     python sample.py --out_dir=out/quick --interactive       # questions from stdin
     python sample.py --out_dir=out/quick --db=other/people.db  # a database it never saw
+    python sample.py --init_from=smollm2-135m --question="What is the capital of France?"
 """
 import os
 import random
 import sqlite3
 import sys
 
+import torch
+
 import agent
 import configurator
-from model import DTYPES, CheckpointError, autocast, check_device, resolve_device, resolve_dtype
+import dialog
+import pretrained
+from model import DTYPES, autocast, check_device, resolve_device, resolve_dtype
 from prepare_data import ATTRIBUTES, question_answer
 
 DEFAULTS = dict(
     out_dir='out',          # the trained model (out_dir/ckpt.pt)
+    init_from='',           # or a pretrained chat model: 'smollm2-135m', a .gguf file
     question=[],            # --question="..." asks it; repeat the flag to ask several at once
     questions_file='',      # one question per line
     interactive=False,      # read questions from stdin, one per line
@@ -30,11 +36,12 @@ DEFAULTS = dict(
     max_new_tokens=160,     # per answer, tool answers not counted
     temperature=0.0,        # 0: greedy
     top_k=0,                # >0: sample among the k most likely tokens
+    top_p=1.0,              # <1: sample among the most likely tokens holding this much probability
     seed=1337,              # seeds the random questions and the sampling
     device='auto',          # 'auto', 'cpu', 'cuda', 'cuda:1', ...
     dtype='auto',           # 'auto' (bfloat16 on CUDA, float32 on CPU), 'float32', 'bfloat16'
 )
-CHECKS = dict(population=('', 'train', 'ood'), device=check_device, dtype=DTYPES)
+CHECKS = dict(population=('', 'train', 'ood'), device=check_device, dtype=DTYPES, top_p=agent.CHECKS['top_p'])
 
 
 def format_dialog(text, fmt):
@@ -68,16 +75,20 @@ def main(argv):
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     try:
-        model, ckpt, data_dir = agent.load_trained(cfg.out_dir, device, cfg.data_dir)
-        db_path = cfg.db or os.path.join(data_dir, 'people.db')
-        bot = agent.make_agent(model, ckpt['tokenizer'], db_path, ckpt['config']['dataset'], dtype)
+        if cfg.init_from:  # a pretrained chat model: questions of your own, no database
+            model, tokenizer, fmt = pretrained.load(cfg.init_from, device)
+            bot, db_path = agent.Agent(model, tokenizer, dialog.get(fmt), cache_dtype=getattr(torch, dtype)), None
+        else:
+            model, ckpt, data_dir = agent.load_trained(cfg.out_dir, device, cfg.data_dir)
+            db_path = cfg.db or os.path.join(data_dir, 'people.db')
+            bot = agent.make_agent(model, ckpt['tokenizer'], db_path, ckpt['config']['dataset'], dtype)
         if cfg.questions_file:
             with open(cfg.questions_file) as f:
                 asked += [line.strip() for line in f if line.strip()]
-    except (FileNotFoundError, CheckpointError) as e:
+    except (FileNotFoundError, ValueError) as e:  # CheckpointError is a ValueError
         raise SystemExit(f"error: {e}")
     sampling = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                    seed=cfg.seed)
+                    top_p=cfg.top_p, seed=cfg.seed)
     with autocast(device, dtype):
         if cfg.interactive:
             print('ask a question (empty line or ctrl-d to quit)', file=sys.stderr)
@@ -86,6 +97,8 @@ def main(argv):
                     break
                 print(format_dialog(bot.run([line.strip()], **sampling)[0].text, bot.fmt) + '\n', flush=True)
             return
+        if not asked and not db_path:
+            raise SystemExit('error: ask it something: --question="..." (or --interactive)')
         try:
             asked = asked or random_questions(db_path, cfg.num_random, cfg.seed, cfg.population)
         except (sqlite3.Error, ValueError) as e:

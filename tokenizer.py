@@ -72,27 +72,29 @@ class ByteTokenizer:
 
 class TiktokenTokenizer:
     """A BPE run by tiktoken: {token bytes: rank}, a split pattern and the encoding's own special
-    tokens (gpt2's <|endoftext|>), with ours appended after all of them."""
+    tokens (gpt2's <|endoftext|>, a chat model's <|im_start|>), then `appended` after all of them:
+    our dialog format's, or none for a pretrained model that has its own."""
 
-    def __init__(self, name, ranks, pattern, base_specials=None):
+    def __init__(self, name, ranks, pattern, base_specials=None, appended=SPECIALS):
         import tiktoken
         self.name, self.ranks, self.pattern = name, ranks, pattern
-        self.base_specials = dict(base_specials or {})
+        self.base_specials, self.appended = dict(base_specials or {}), tuple(appended)
         n_base = 1 + max([*ranks.values(), *self.base_specials.values()])
-        specials = {s: n_base + i for i, s in enumerate(SPECIALS)}
-        self.enc = tiktoken.Encoding(name=f'{name}+{dialog.DialogFormat.name}', pat_str=pattern,
+        specials = {s: n_base + i for i, s in enumerate(self.appended)}
+        self.enc = tiktoken.Encoding(name=f'{name}+{len(specials)}', pat_str=pattern,
                                      mergeable_ranks=ranks,
                                      special_tokens={**self.base_specials, **specials})
         self.special_ids = tuple(specials.values())
-        self.vocab_size = n_base + len(SPECIALS)
+        self.vocab_size = n_base + len(specials)
 
     def encode_concat(self, texts):
-        ids = self.enc.encode_batch(texts, allowed_special=set(SPECIALS))
+        ids = self.enc.encode_batch(texts, allowed_special='all')
         dtype = np.uint16 if self.vocab_size <= 2**16 else np.uint32
         return np.fromiter((t for dialog_ids in ids for t in dialog_ids), dtype=dtype)
 
     def encode(self, text):
-        return self.enc.encode(text, allowed_special=set(SPECIALS))
+        """Text we wrote: a special token spelt out in it is that token."""
+        return self.enc.encode(text, allowed_special='all')
 
     def encode_ordinary(self, text):
         return self.enc.encode_ordinary(text)
@@ -106,7 +108,7 @@ class TiktokenTokenizer:
     def describe(self):  # the merges last, so meta.json reads from the top
         return {'kind': 'tiktoken', 'name': self.name, 'vocab_size': self.vocab_size,
                 'pattern': self.pattern, 'base_special_tokens': self.base_specials,
-                'ranks': ranks_text(self.ranks)}
+                'appended_special_tokens': list(self.appended), 'ranks': ranks_text(self.ranks)}
 
 
 def ranks_text(ranks):
@@ -160,7 +162,8 @@ def from_meta(desc):
         tokenizer = ByteTokenizer()
     elif 'ranks' in desc:
         tokenizer = TiktokenTokenizer(desc['name'], parse_ranks(desc['ranks']), desc['pattern'],
-                                      desc['base_special_tokens'])
+                                      desc['base_special_tokens'],
+                                      desc.get('appended_special_tokens', SPECIALS))
     else:  # datasets written before describe() held the merges: {'file': path or None, 'name'}
         tokenizer = load_tiktoken(desc['file'] or desc['name'])
     if tokenizer.vocab_size != desc['vocab_size']:

@@ -365,6 +365,13 @@ def compiled(model, device):
     return torch.compile(model, dynamic=True)
 
 
+def _short(value):
+    """Five significant digits for a float, a whole number from 1,000 on."""
+    if not isinstance(value, float):
+        return value
+    return round(value) if abs(value) >= 1000 else float(f'{value:.5g}')
+
+
 class RunLog:
     """A run's record: metrics.jsonl in out_dir (started anew by a new run, appended to by a
     resumed one), every row with its time; each row printed; and Weights & Biases when asked."""
@@ -379,7 +386,7 @@ class RunLog:
 
     def write(self, row, text=None):
         """One row: printed (as `text`, else as 'key value | ...'), then recorded."""
-        row = {k: float(f'{v:.5g}') if isinstance(v, float) else v for k, v in row.items()}
+        row = {k: _short(v) for k, v in row.items()}
         print(text or ' | '.join(f'{k} {v}' for k, v in row.items()), flush=True)
         self.file.write(json.dumps({**row, 'time': round(time.time(), 3)}) + '\n')
         self.file.flush()

@@ -28,7 +28,8 @@ DEFAULTS = dict(
 
 
 def main(argv):
-    cfg = configurator.main_parse(DEFAULTS, argv, checks=agent.CHECKS)
+    checks = {k: agent.CHECKS[k] for k in ('split', 'device', 'dtype')}
+    cfg = configurator.main_parse(DEFAULTS, argv, checks=checks)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     if cfg.threads:

