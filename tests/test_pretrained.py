@@ -177,3 +177,41 @@ def test_broken_folders_are_refused_naming_the_problem(hf_folder, tmp_path):
     json.dump({**config, 'vocab_size': 1000}, open(small / 'config.json', 'w'))
     with pytest.raises(ValueError, match='tokenizer.json has 49152 tokens, the weights 1000'):
         pretrained.load(str(small))
+
+
+# ----------------------------------------------------------------------------------------------
+# Export to a Hugging Face folder
+
+@needs_smollm
+def test_an_exported_smollm2_loads_in_transformers_with_the_same_logits(smollm, tmp_path):
+    transformers = pytest.importorskip('transformers', reason='transformers: the test-only oracle')
+    model, tokenizer, _ = smollm
+    pretrained.export(model, tokenizer, str(tmp_path), chat_template='<|im_start|>')
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    their_tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    ids = torch.tensor([tokenizer.encode(FRANCE + 'The capital')])
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, model(ids)[0], rtol=1e-5, atol=1e-5)
+    for text in STRINGS[:60]:
+        assert their_tokenizer.encode(text, add_special_tokens=False) == tokenizer.encode(text), text
+    again, again_tokenizer, fmt = pretrained.load(str(tmp_path))  # and back
+    assert fmt == 'chatml' and again_tokenizer.encode(FRANCE) == tokenizer.encode(FRANCE)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
+
+
+def test_a_model_we_trained_exports_with_its_byte_tokenizer(tmp_path):
+    transformers = pytest.importorskip('transformers', reason='transformers: the test-only oracle')
+    from model import GPT, GPTConfig
+    from tokenizer import ByteTokenizer
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_embd=32, n_head=2, n_kv_head=1, block_size=128)).eval()
+    tokenizer = ByteTokenizer()
+    pretrained.export(model, tokenizer, str(tmp_path))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    their_tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    text = "<|user|>Where does Ada O'Brien live?<|assistant|>SELECT current_address FROM people;<|database|>"
+    ids = tokenizer.encode(text)
+    assert their_tokenizer.encode(text, add_special_tokens=False) == ids
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(torch.tensor([ids])).logits, model(torch.tensor([ids]))[0],
+                                   rtol=1e-5, atol=1e-5)

@@ -27,6 +27,7 @@ TINY = {
     'bench/compare.py': ['--max_iters=2', '--warmup=1', '--batch_size=8', '--n_embd=16', '--compile=False'],
     'bench/agent.py': ['--batch_sizes=[1, 4]', '--questions_per_size=[2, 4]'],
     'bench/kernels.py': [],
+    'pretrained.py': [],
 }
 NOT_HERE = ('HOST:', 'sbatch', 'pip install', 'bash quickstart.sh')  # other machines, the network
 NEEDS_DOWNLOAD = ('--tokenizer=gpt2',)  # tiktoken fetches gpt2's file once: offline, one clear line
