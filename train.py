@@ -32,7 +32,7 @@ from prepare_data import DATASETS, ShardError, read_shard
 DEFAULTS = dict(
     # I/O
     out_dir='out',            # checkpoint, config.json and metrics.jsonl go here
-    init_from='scratch',      # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+    init_from='scratch',      # 'scratch', 'resume' (out_dir/ckpt.pt), or another run's out_dir
     overwrite=False,          # let 'scratch' replace a checkpoint already in out_dir
     data_dir='data/default',  # where prepare_data.py wrote
     dataset='qatool',         # 'qatool' (in-tool), 'qa' (in-weight), 'bio', or 'bio:1,qa:3'
@@ -94,7 +94,14 @@ def check_dataset(dataset):
     return None
 
 
-CHECKS = dict(init_from=('scratch', 'resume'), dataset=check_dataset, device=check_device,
+def check_init_from(value):
+    """None for 'scratch', 'resume' or a folder holding a run's ckpt.pt, else what is valid."""
+    if value in ('scratch', 'resume') or os.path.isfile(os.path.join(value, 'ckpt.pt')):
+        return None
+    return "use 'scratch', 'resume', or the out_dir of another run (a folder holding its ckpt.pt)"
+
+
+CHECKS = dict(init_from=check_init_from, dataset=check_dataset, device=check_device,
               dtype=DTYPES, kernels=KERNELS, lr_decay=('cosine', 'linear'),
               stop_metric=('',) + EVAL_METRICS)
 
@@ -313,24 +320,42 @@ def build(cfg, meta, device):
 
 
 def start(cfg, meta, device, train_batches):
-    """-> (model, optimizer, step, best_val): new, or resumed exactly from out_dir/ckpt.pt."""
-    model, optimizer, model_args = build(cfg, meta, device)
+    """-> (model, optimizer, step, best_val): new, resumed exactly from out_dir/ckpt.pt, or new
+    from the weights of another run (init_from=ITS_OUT_DIR: in-weight first, then in-tool)."""
     path = os.path.join(cfg.out_dir, 'ckpt.pt')
+    if cfg.init_from != 'resume' and os.path.exists(path) and not cfg.overwrite:
+        raise CheckpointError(f"{path} exists: --init_from=resume continues it, --overwrite "
+                              f"replaces it")
     if cfg.init_from == 'scratch':
-        if os.path.exists(path) and not cfg.overwrite:
-            raise CheckpointError(f"{path} exists: --init_from=resume continues it, --overwrite "
-                                  f"replaces it")
+        model, optimizer, _ = build(cfg, meta, device)
         return model, optimizer, 0, float('inf')
-    ckpt = load_checkpoint(path)
+    source = path if cfg.init_from == 'resume' else os.path.join(cfg.init_from, 'ckpt.pt')
+    ckpt = load_checkpoint(source)
+    if cfg.init_from != 'resume':
+        take_shape(cfg, ckpt, source)
+    model, optimizer, model_args = build(cfg, meta, device)
+    check_compatible(ckpt, model_args, agent.tokenizer_meta(meta), source)
+    model.load_state_dict(ckpt['model'])
+    if cfg.init_from != 'resume':  # its weights, and everything else anew
+        return model, optimizer, 0, float('inf')
     missing = [k for k in TRAINING_KEYS if k not in ckpt]
     if missing:
         raise CheckpointError(f"{path} cannot be resumed (it has no {', '.join(missing)})")
-    check_compatible(ckpt, model_args, agent.tokenizer_meta(meta), path)
-    model.load_state_dict(ckpt['model'])
     optimizer.load_state_dict(ckpt['optimizer'])
     train_batches.load_state(ckpt['data_state'])
     torch.set_rng_state(ckpt['rng_state'])
     return model, optimizer, ckpt['step'], ckpt['best_val']
+
+
+def take_shape(cfg, ckpt, source):
+    """A run started from another's weights takes that model's shape; a flag that says otherwise
+    (not left at its default) is refused."""
+    for key in MODEL_KEYS + ('block_size',):
+        theirs, ours = ckpt['model_args'][key], getattr(cfg, key)
+        if ours not in (theirs, DEFAULTS[key]):
+            raise ConfigError(f"--{key}={ours!r} contradicts {source}, whose model has {key}={theirs!r}: "
+                              f"drop the flag")
+        setattr(cfg, key, theirs)
 
 
 class PackedLoss(torch.nn.Module):

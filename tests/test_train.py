@@ -251,3 +251,17 @@ def test_wandb_logging_when_asked(data_dir, tmp_path, monkeypatch):
     train.train(config(data_dir, tmp_path, '--max_iters=2', '--wandb_log=True', '--wandb_run_name=t'))
     assert list((tmp_path / 'wandb').glob('offline-run-*'))
     assert len(open(tmp_path / 'metrics.jsonl').readlines()) == 3  # the JSONL stays the record
+
+
+def test_a_run_starts_from_another_runs_weights_and_shape(data_dir, tmp_path):
+    """In-weight first, then in-tool from its weights: the shape comes from the checkpoint."""
+    train.train(config(data_dir, tmp_path / 'qa', '--dataset=qa', '--max_iters=3', '--n_embd=48', '--n_head=3'))
+    cfg = configurator.parse(train.DEFAULTS, [
+        f'--data_dir={data_dir}', f'--out_dir={tmp_path}/tool', f'--init_from={tmp_path}/qa', '--max_iters=0',
+        '--eval_iters=1', '--device=cpu', '--threads=1', '--batch_size=6'], checks=train.CHECKS)
+    train.train(cfg)
+    first, second = final_params(tmp_path / 'qa'), final_params(tmp_path / 'tool')
+    assert all(torch.equal(first[k], second[k]) for k in first)  # its weights, no step taken yet
+    assert load_checkpoint(str(tmp_path / 'tool'))['model_args']['n_embd'] == 48
+    with pytest.raises(ConfigError, match=r"--n_embd=32 contradicts .*n_embd=48: drop the flag"):
+        train.train(config(data_dir, tmp_path / 'other', f'--init_from={tmp_path}/qa', '--max_iters=1'))
