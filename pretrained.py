@@ -127,21 +127,23 @@ def read_gguf(path):
             weight = unpermute(weight, n_head)
         elif kind == 'attn_k':
             weight = unpermute(weight, n_kv_head)
-        state[our_name(tensor.name, path)] = weight.float()
+        state[our_name(tensor.name, 'blk', BLOCK_NAMES, TOP_NAMES, path)] = weight.float()
     if config.tie_embeddings:
         state['lm_head.weight'] = state['embed.weight']
     return config, state, gguf_tokenizer(field, path), field('tokenizer.chat_template')
 
 
-def our_name(name, path):
-    """llama.cpp's tensor name -> model.py's: blk.3.attn_q.weight -> blocks.3.attn.q_proj.weight."""
-    block = re.fullmatch(r'blk\.(\d+)\.(\w+)\.weight', name)
-    if block and block[2] in BLOCK_NAMES:
-        return f'blocks.{block[1]}.{BLOCK_NAMES[block[2]]}.weight'
-    top = re.fullmatch(r'(\w+)\.weight', name)
-    if top and top[1] in TOP_NAMES:
-        return f'{TOP_NAMES[top[1]]}.weight'
-    raise ValueError(f"{path}: tensor {name} has no place in model.py's Llama")
+def our_name(name, blocks, block_names, top_names, source):
+    """A checkpoint's tensor name -> model.py's, by its format's tables: blk.3.attn_q.weight
+    (GGUF, blocks 'blk') or model.layers.3.self_attn.q_proj.weight (Hugging Face, blocks
+    'model.layers') -> blocks.3.attn.q_proj.weight."""
+    block = re.fullmatch(blocks + r'\.(\d+)\.(.+)\.weight', name)
+    if block and block[2] in block_names:
+        return f'blocks.{block[1]}.{block_names[block[2]]}.weight'
+    top = re.fullmatch(r'(.+)\.weight', name)
+    if top and top[1] in top_names:
+        return f'{top_names[top[1]]}.weight'
+    raise ValueError(f"{source}: tensor {name} has no place in model.py's Llama")
 
 
 def unpermute(weight, n_heads):
@@ -218,7 +220,8 @@ def read_hf_folder(folder):
                        mlp_hidden=hf['intermediate_size'], tie_embeddings=hf.get('tie_word_embeddings', False),
                        rope_theta=float(rope.get('rope_theta', 10000.0)), rope_scaling=scaling,
                        norm_eps=float(hf.get('rms_norm_eps', 1e-6)))
-    state = {hf_name(name, folder): weight.float() for name, weight in read_safetensors(folder).items()}
+    state = {our_name(name, r'model\.layers', HF_BLOCK_NAMES, HF_TOP_NAMES, folder): weight.float()
+             for name, weight in read_safetensors(folder).items()}
     if config.tie_embeddings:
         state['lm_head.weight'] = state['embed.weight']
     tokenizer = hf_tokenizer(read_json(folder, 'tokenizer.json'), folder)
@@ -257,17 +260,6 @@ def read_safetensors(folder):
         except Exception as e:  # noqa: BLE001 - truncated or foreign: one line naming it
             raise ValueError(f"{os.path.join(folder, file)} cannot be read ({type(e).__name__}: {e})") from None
     return state
-
-
-def hf_name(name, folder):
-    """model.layers.3.self_attn.q_proj.weight -> blocks.3.attn.q_proj.weight."""
-    block = re.fullmatch(r'model\.layers\.(\d+)\.(.+)\.weight', name)
-    if block and block[2] in HF_BLOCK_NAMES:
-        return f'blocks.{block[1]}.{HF_BLOCK_NAMES[block[2]]}.weight'
-    top = re.fullmatch(r'(.+)\.weight', name)
-    if top and top[1] in HF_TOP_NAMES:
-        return f'{HF_TOP_NAMES[top[1]]}.weight'
-    raise ValueError(f"{folder}: tensor {name} has no place in model.py's Llama")
 
 
 def hf_tokenizer(spec, folder):
