@@ -78,8 +78,9 @@ def check_device(name):
             return "write cuda:N with N a GPU's number"
         if not torch.cuda.is_available():
             return 'CUDA is not available on this machine: use --device=cpu (or auto)'
-        if int(index) >= torch.cuda.device_count():
-            return f'this machine has {torch.cuda.device_count()} GPU(s): cuda:0 to cuda:{torch.cuda.device_count() - 1}'
+        count = torch.cuda.device_count()
+        if int(index) >= count:
+            return f'this machine has {count} GPU(s): cuda:0 to cuda:{count - 1}'
         return None
     return "not a device: use auto, cpu, cuda or cuda:N"
 
@@ -135,7 +136,8 @@ def llama3_frequencies(inv_freq, factor, low_freq_factor, high_freq_factor,
     wavelen = 2 * math.pi / inv_freq
     low_wavelen = original_max_position_embeddings / low_freq_factor     # longer: scaled
     high_wavelen = original_max_position_embeddings / high_freq_factor   # shorter: kept
-    smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smooth = ((original_max_position_embeddings / wavelen - low_freq_factor)
+              / (high_freq_factor - low_freq_factor))
     blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
     scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
     return torch.where((wavelen >= high_wavelen) & (wavelen <= low_wavelen), blended, scaled)
@@ -333,7 +335,8 @@ class CausalSelfAttention(nn.Module):
 
     def share_kv(self, t):
         """Grouped-query attention: each kv head serves n_head / n_kv_head query heads."""
-        return t if self.n_kv_head == self.n_head else t.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        group = self.n_head // self.n_kv_head
+        return t if group == 1 else t.repeat_interleave(group, dim=1)
 
     def setup_cache(self, batch_size, max_len, device, dtype):
         # slot max_len is a dump: padding tokens of a lane that appends fewer tokens than the

