@@ -126,7 +126,8 @@ class Agent:
             generated[lane] += 1
             finished[lane[new == self.end_id]] = True
             stop = (new == self.end_id) | (generated[lane] >= max_new_tokens) | (length[lane] >= max_len)
-            calls = (new == self.call_id) & ~stop if self.tool and self.call_id else torch.zeros_like(stop)
+            calls = ((new == self.call_id) & ~stop if self.tool and self.call_id is not None
+                     else torch.zeros_like(stop))
             call_rows = calls.nonzero().squeeze(1)
             if len(call_rows):
                 stop[call_rows] = self._call_tool(lane[call_rows], tokens, length, turn_start,

@@ -65,8 +65,14 @@ def resolve(source):
 
 def load(source, device='cpu'):
     """A pretrained model in eval mode, its tokenizer and the name of its dialog format
-    (dialog.py), from a shipped name or a .gguf file."""
+    (dialog.py), from a shipped name, a .gguf file or a Hugging Face folder."""
     path = resolve(source)
+    model, tokenizer, template = read_model(path)
+    return model.to(device).eval(), tokenizer, chat_format(template, path)
+
+
+def read_model(path):
+    """-> (model.py's GPT holding the weights, tokenizer, chat template) of a file or folder."""
     config, state, tokenizer, template = read(path)
     model = GPT(config)
     try:
@@ -74,7 +80,7 @@ def load(source, device='cpu'):
     except RuntimeError as e:  # missing tensors, or shapes its own config contradicts
         first_line = str(e).splitlines()[0]
         raise ValueError(f"{path}: its tensors do not fit its config ({first_line} ...)") from None
-    return model.to(device).eval(), tokenizer, chat_format(template, path)
+    return model, tokenizer, template
 
 
 def read(path):
@@ -391,10 +397,7 @@ def main(argv):
             model, ckpt = GPT.from_checkpoint(cfg.init_from)
             tokenizer, template = from_meta(ckpt['tokenizer']['tokenizer']), None
         else:
-            path = resolve(cfg.init_from)
-            config, state, tokenizer, template = read(path)
-            model = GPT(config)
-            model.load_state_dict(state)
+            model, tokenizer, template = read_model(resolve(cfg.init_from))
         export(model, tokenizer, cfg.to, template)
     except (FileNotFoundError, ValueError, CheckpointError) as e:
         raise SystemExit(f"error: {e}")
