@@ -5,10 +5,11 @@ Batched generation with SQL tool interception, and recall evaluation.
     python agent.py --out_dir=out/quick --split=ood --records=out/quick/records_ood.jsonl
 
 B dialogs advance together through the KV cache, one token per step. When a lane's assistant
-turn ends with a tool call (<|database|>), its SQL runs in the sandboxed SqlTool and the answer,
-then the assistant's next turn, is spliced into that lane in the same step as the other lanes'
-next tokens. A lane stops at the end of its dialog (<|eod|>) or at max_new_tokens; once more
-than a quarter of the lanes are done, the finished ones leave the batch.
+turn ends with a tool call (<|database|> in our format; in a chat format the end of a turn that
+is a ```sql block, or Llama 3's <|eom_id|>: dialog.py), its SQL runs in the sandboxed SqlTool
+and the answer, then the assistant's next turn, is spliced into that lane in the same step as
+the other lanes' next tokens. A lane stops at the end of its dialog or at max_new_tokens; once
+more than a quarter of the lanes are done, the finished ones leave the batch.
 """
 import json
 import math
@@ -64,37 +65,35 @@ def is_correct(answer, expected):
     return re.search(r'(?<![\w/])' + re.escape(expected) + r'(?![\w/])', answer) is not None
 
 
-def token_id(tokenizer, special):
-    """The id of a special token the dialog format names."""
-    ids = tokenizer.encode(special)
-    if len(ids) != 1:
-        raise ValueError(f"{special!r} is not one token of this tokenizer: the model and its dialog "
-                         f"format do not match")
-    return ids[0]
-
-
 class Agent:
     def __init__(self, model, tokenizer, fmt, sql_tool=None, cache_dtype=None):
         self.model, self.tok, self.fmt, self.tool = model, tokenizer, fmt, sql_tool
         self.cache_dtype = cache_dtype  # None: the model's (bfloat16 on GPU halves the cache)
-        self.end_id = token_id(tokenizer, fmt.end)
-        self.call_id = token_id(tokenizer, fmt.tool_call) if fmt.tool_call else None
+        self.end_id = dialog.single_token(tokenizer, fmt.end)
+        self.call_id = dialog.single_token(tokenizer, fmt.tool_call)  # may be end_id (ChatML)
 
-    def _tool_answer(self, sql_ids):
-        """The tokens spliced after a tool call: the database's text, then the assistant's turn.
-        The database's text is data: a special token spelt out in it stays plain text."""
-        result, ok = self.tool(self.tok.decode_bytes(sql_ids))
+    def _tool_answer(self, turn_ids):
+        """An assistant turn that ended with a tool call -> (the tokens spliced after it: the
+        database's text, then the assistant's turn; whether the SQL ran), or None when the turn
+        holds no SQL (a ChatML answer). The database's text is data: a special token spelt out
+        in it stays plain text."""
+        sql = self.fmt.tool_sql(self.tok.decode_bytes(turn_ids))
+        if sql is None:
+            return None
+        result, ok = self.tool(sql)
         fmt, tok = self.fmt, self.tok
         return tok.encode(fmt.tool_open) + tok.encode_ordinary(result) + tok.encode(fmt.tool_close), ok
 
     @torch.no_grad()
     def run(self, questions, max_new_tokens=160, temperature=0.0, top_k=0, top_p=1.0, seed=1337,
-            on_step=None):
+            on_step=None, histories=None):
         """Answer a batch of questions -> one Lane per question, in order. on_step(n) is called
-        after every step with the number of lanes finished so far."""
+        after every step with the number of lanes finished so far. histories: each lane's
+        conversation so far (a Lane's text), which its question follows up."""
         model = self.model
         device = model.embed.weight.device
-        prompts = [self.tok.encode(self.fmt.prompt(q)) for q in questions]
+        histories = histories or [''] * len(questions)
+        prompts = [self.tok.encode(self.fmt.prompt(q, h)) for q, h in zip(questions, histories)]
         B = len(prompts)
         # a lane's tokens: its prompt, what it writes, and the tool's answers (each at most the
         # SqlTool's 512 bytes): far less than a pretrained model's block_size of thousands
@@ -124,14 +123,16 @@ class Agent:
             tokens[lane, length[lane]] = new
             length[lane] += 1
             generated[lane] += 1
-            finished[lane[new == self.end_id]] = True
-            stop = (new == self.end_id) | (generated[lane] >= max_new_tokens) | (length[lane] >= max_len)
-            calls = ((new == self.call_id) & ~stop if self.tool and self.call_id is not None
-                     else torch.zeros_like(stop))
-            call_rows = calls.nonzero().squeeze(1)
+            ended = new == self.end_id
+            out_of_room = (generated[lane] >= max_new_tokens) | (length[lane] >= max_len)
+            call_rows = ((new == self.call_id) & ~out_of_room).nonzero().squeeze(1) if self.tool else []
             if len(call_rows):
-                stop[call_rows] = self._call_tool(lane[call_rows], tokens, length, turn_start,
+                called, no_room = self._call_tool(lane[call_rows], tokens, length, turn_start,
                                                   tool_calls, tool_errors)
+                ended[call_rows[called]] = False  # a ChatML turn of SQL ends like an answer
+                out_of_room[call_rows] |= no_room
+            finished[lane[ended]] = True
+            stop = ended | out_of_room
             live[live_rows[stop]] = False
             n_done += int(stop.sum())
             if on_step:
@@ -149,15 +150,20 @@ class Agent:
     def _call_tool(self, lanes, tokens, length, turn_start, tool_calls, tool_errors):
         """Run the SQL each lane just wrote and write the database's answer after it, in place.
 
-        A loop over tool calls, not tokens, on plain Python values. -> bool per lane: no room
-        was left for the answer, so the lane ends there.
+        A loop over tool calls, not tokens, on plain Python values. -> (bool per lane: its turn
+        was a tool call; bool per lane: no room was left for the answer, so the lane ends there).
         """
         max_len = tokens.size(1)
+        called = torch.zeros(len(lanes), dtype=torch.bool, device=lanes.device)
         no_room = torch.zeros(len(lanes), dtype=torch.bool, device=lanes.device)
         dialogs = tokens[lanes].tolist()
         starts, ends = turn_start[lanes].tolist(), length[lanes].tolist()
         for i, (b, dialog_ids, start, end) in enumerate(zip(lanes.tolist(), dialogs, starts, ends)):
-            answer, ok = self._tool_answer(dialog_ids[start:end - 1])  # the SQL, less the call token
+            spliced = self._tool_answer(dialog_ids[start:end - 1])  # the turn, less the call token
+            if spliced is None:
+                continue
+            answer, ok = spliced
+            called[i] = True
             tool_calls[b] += 1
             tool_errors[b] += not ok
             if end + len(answer) >= max_len:
@@ -165,7 +171,7 @@ class Agent:
                 continue
             tokens[b, end:end + len(answer)] = torch.tensor(answer, device=tokens.device)
             length[b] = turn_start[b] = end + len(answer)
-        return no_room
+        return called, no_room
 
     def _advance(self, tokens, length, rows, live):
         """Feed the cache what the lanes wrote since the last step -> next-token logits per row.

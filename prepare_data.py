@@ -33,7 +33,8 @@ DEFAULTS = dict(
     n_ood=1000,              # people never trained on, whose first names never occur above
     alpha=1.0,               # P(attribute drawn uniformly); else shared by the last name's family
     seed=0,                  # seeds the people: same seed, same bytes
-    tokenizer='byte',        # 'byte', a tiktoken encoding name, or a .tiktoken file
+    tokenizer='byte',        # 'byte', a tiktoken name, a .tiktoken file, or a pretrained model
+                             # ('smollm2-135m', a .gguf, a HF folder): its tokens and chat format
     bpe_vocab=0,             # >0: learn a byte-level BPE of this many tokens on our text instead
     overwrite=False,         # replace an existing out_dir
     chunk=20_000,            # people tokenized at a time (bounds memory)
@@ -50,8 +51,18 @@ QUESTIONS = {  # attribute -> (question, answer sentence)
     'occupation': ("What is {name}'s occupation?", "{name} works as {article} {value}."),
 }
 OOD_EVERY = 10  # every 10th first name is reserved for the OOD population
-FORMAT = dialog.get('itl')  # special tokens, the three dialog templates and the loss mask
-CHECKS = dict(tokenizer=tok.check_name)  # the command line refuses a --tokenizer naming none
+
+
+def check_tokenizer(value):
+    """None if value names a tokenizer of ours or a pretrained model, else what is wrong."""
+    problem = tok.check_name(value)
+    if problem is None:
+        return None
+    import pretrained  # imports torch: only when the name is none of ours
+    return None if pretrained.is_model(value) else f"{problem}, or a pretrained model ('smollm2-135m', a .gguf, a HF folder)"
+
+
+CHECKS = dict(tokenizer=check_tokenizer)  # the command line refuses a --tokenizer naming none
 
 SHARD_MAGIC = 0x17C0FFEE
 SHARD_VERSION = 1
@@ -138,8 +149,8 @@ def question_answer(attr, name, value):
     return question.format(name=name), answer.format(name=name, value=value, article=article)
 
 
-def render_dialogs(rows):
-    """rows of people -> {dataset: [dialog text]} and the evaluation questions."""
+def render_dialogs(rows, fmt):
+    """rows of people -> {dataset: [dialog text in fmt (dialog.py)]} and the evaluation questions."""
     out = {'bio': [], 'qa': [], 'qatool': []}
     questions = []
     for row in rows:
@@ -149,18 +160,19 @@ def render_dialogs(rows):
             q, a = question_answer(attr, name, value)
             sql = f"SELECT {attr} FROM people WHERE name = {sql_quote(name)};"
             result = format_rows([(value,)])
-            out['qa'].append(FORMAT.qa(q, a))
-            out['qatool'].append(FORMAT.qatool(q, sql, result, a))
+            out['qa'].append(fmt.qa(q, a))
+            out['qatool'].append(fmt.qatool(q, sql, result, a))
             questions.append((name, attr, q, value, a))
             sentences.append(a)
-        out['bio'].append(FORMAT.bio(sentences))
+        out['bio'].append(fmt.bio(sentences))
     return out, questions
 
 
 def jsonl_lines(texts):
     # load_atoms() rejects quotes, backslashes and control characters, so every dialog is a
-    # valid JSON string as it stands: one join instead of millions of json.dumps calls.
-    return ''.join(f'{{"text": "{t}"}}\n' for t in texts)
+    # valid JSON string once the chat formats' newlines are escaped: one join instead of
+    # millions of json.dumps calls.
+    return ''.join('{"text": "' + t.replace('\n', '\\n') + '"}\n' for t in texts)
 
 
 def question_lines(questions):
@@ -250,16 +262,25 @@ def read_shard(path):
 # Writing everything
 
 def make_tokenizer(cfg, atoms, people):
+    """-> (tokenizer, dialog format): ours, or a pretrained model's own and its chat format."""
+    ours = dialog.get('itl')
+    if tok.check_name(cfg.tokenizer) is not None:  # a pretrained model (check_tokenizer said so)
+        import pretrained
+        if cfg.bpe_vocab:
+            raise ValueError(f"--bpe_vocab learns a tokenizer of our own: drop it to write "
+                             f"{cfg.tokenizer}'s tokens")
+        tokenizer, fmt_name = pretrained.read_tokenizer(cfg.tokenizer)
+        return tokenizer, dialog.get(fmt_name)
     if cfg.bpe_vocab:
         # learn on the trained population's dialogs (a sample is plenty: the text is templated)
-        sample, _ = render_dialogs(people_rows(atoms, people['train'], 0, min(cfg.n_people, 20_000)))
+        sample, _ = render_dialogs(people_rows(atoms, people['train'], 0, min(cfg.n_people, 20_000)), ours)
         ranks = tok.train_bpe([t for texts in sample.values() for t in texts], cfg.bpe_vocab)
         path = os.path.join(cfg.out_dir, 'tokenizer.tiktoken')
         tok.write_tiktoken_file(ranks, path)
-        return tok.load_tiktoken(path)
+        return tok.load_tiktoken(path), ours
     if cfg.tokenizer == 'byte':
-        return tok.ByteTokenizer()
-    return tok.load_tiktoken(cfg.tokenizer)
+        return tok.ByteTokenizer(), ours
+    return tok.load_tiktoken(cfg.tokenizer), ours
 
 
 def write_database(path, atoms, people, chunk):
@@ -294,13 +315,11 @@ def prepare(cfg):
     os.makedirs(cfg.out_dir, exist_ok=True)
     atoms = load_atoms()
     people = make_people(atoms, cfg.n_people, cfg.n_ood, cfg.alpha, cfg.seed)
-    tokenizer = make_tokenizer(cfg, atoms, people)
+    tokenizer, fmt = make_tokenizer(cfg, atoms, people)
     if os.path.exists(meta_path):  # until the new meta.json, the directory holds no valid dataset
         os.remove(meta_path)
     write_database(os.path.join(cfg.out_dir, 'people.db'), atoms, people, cfg.chunk)
 
-    special = tokenizer.special_ids
-    end_id = special[FORMAT.special_tokens.index(FORMAT.end)]  # the token closing every dialog
     counts, done, total = {}, 0, cfg.n_people + cfg.n_ood
     for split, p in people.items():
         files = {name: open(os.path.join(cfg.out_dir, name + '.tmp'), 'w', encoding='utf-8')
@@ -309,13 +328,12 @@ def prepare(cfg):
                   for d in DATASETS}
         n = len(p['first'])
         for lo in range(0, n, cfg.chunk):
-            dialogs, questions = render_dialogs(people_rows(atoms, p, lo, min(lo + cfg.chunk, n)))
+            dialogs, questions = render_dialogs(people_rows(atoms, p, lo, min(lo + cfg.chunk, n)), fmt)
             files[f'questions_{split}.jsonl'].write(question_lines(questions))
             for d, texts in dialogs.items():
                 files[f'{d}_{split}.jsonl'].write(jsonl_lines(texts))
-                tokens = tokenizer.encode_concat(texts)
-                ends = np.flatnonzero(tokens == end_id) + 1
-                shards[d].write(tokens, FORMAT.loss_mask(tokens, special), np.concatenate([[0], ends[:-1]]))
+                tokens, starts = tokenizer.encode_dialogs(texts)
+                shards[d].write(tokens, fmt.loss_mask(tokens, tokenizer), starts)
             done += min(cfg.chunk, n - lo)
             elapsed = time.time() - t0
             print(f"people {done:,}/{total:,} | {done / elapsed:,.0f} people/s | "
@@ -327,8 +345,8 @@ def prepare(cfg):
             os.replace(f.name, os.path.join(cfg.out_dir, name))
 
     # the tokenizer is held whole (no file path): the folder can be moved or copied as it is
-    meta = {'format_version': SHARD_VERSION, 'format': FORMAT.name, 'vocab_size': tokenizer.vocab_size,
-            'special_tokens': dict(zip(FORMAT.special_tokens, tokenizer.special_ids)),
+    meta = {'format_version': SHARD_VERSION, 'format': fmt.name, 'vocab_size': tokenizer.vocab_size,
+            'special_tokens': {s: dialog.single_token(tokenizer, s) for s in fmt.special_tokens},
             'n_people': cfg.n_people, 'n_ood': cfg.n_ood, 'seed': cfg.seed,
             'options': vars(cfg), 'shards': counts, 'tokenizer': tokenizer.describe()}
     with open(meta_path + '.tmp', 'w') as f:

@@ -71,6 +71,32 @@ def load(source, device='cpu'):
     return model.to(device).eval(), tokenizer, chat_format(template, path)
 
 
+def read_tokenizer(source):
+    """-> (tokenizer, dialog format name) of a shipped name, .gguf file or folder, without
+    reading the weights (prepare_data.py writes a dataset in the model's own tokens)."""
+    path = resolve(source)
+    if os.path.isdir(path):
+        tokenizer = hf_tokenizer(read_json(path, 'tokenizer.json'), path)
+        return tokenizer, chat_format(chat_template(path), path)
+    if not path.endswith('.gguf') or not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: neither a .gguf file nor a Hugging Face model folder")
+    import gguf
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: one line naming it
+        raise ValueError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
+
+    def field(key, default=None):
+        return reader.fields[key].contents() if key in reader.fields else default
+    return gguf_tokenizer(field, path), chat_format(field('tokenizer.chat_template'), path)
+
+
+def is_model(value):
+    """True when value names a pretrained model: a shipped name, a .gguf file, a model folder."""
+    return (value in SHIPPED or (value.endswith('.gguf') and os.path.isfile(value))
+            or os.path.isfile(os.path.join(value, 'config.json')))
+
+
 def read_model(path):
     """-> (model.py's GPT holding the weights, tokenizer, chat template) of a file or folder."""
     config, state, tokenizer, template = read(path)
@@ -93,10 +119,13 @@ def read(path):
 
 
 def chat_format(template, path):
-    """The dialog format a chat template writes: ChatML for now."""
+    """The dialog format (dialog.py) a chat template writes: ChatML or Llama 3's headers."""
     if '<|im_start|>' in (template or ''):
         return 'chatml'
-    raise ValueError(f"{path}: its chat template is not ChatML, the one chat format dialog.py has yet")
+    if '<|start_header_id|>' in (template or ''):
+        return 'llama3'
+    raise ValueError(f"{path}: its chat template is neither ChatML nor Llama 3's, the chat formats "
+                     f"dialog.py knows")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -46,6 +46,12 @@ class ByteTokenizer:
     def encode(self, text):
         return self.encode_concat([text]).tolist()
 
+    def encode_dialogs(self, texts):
+        """-> (every dialog's tokens, concatenated; where each dialog starts). Ours end with <|eod|>."""
+        tokens = self.encode_concat(texts)
+        ends = np.flatnonzero(tokens == self.special_ids[-1]) + 1
+        return tokens, np.concatenate([[0], ends[:-1]])
+
     def encode_ordinary(self, text):
         """Text that is not ours (a database's answer): special tokens in it stay plain bytes."""
         return list(text.encode('utf-8'))
@@ -87,10 +93,12 @@ class TiktokenTokenizer:
         self.special_ids = tuple(specials.values())
         self.vocab_size = n_base + len(specials)
 
-    def encode_concat(self, texts):
+    def encode_dialogs(self, texts):
+        """-> (every dialog's tokens, concatenated; where each dialog starts)."""
         ids = self.enc.encode_batch(texts, allowed_special='all')
         dtype = np.uint16 if self.vocab_size <= 2**16 else np.uint32
-        return np.fromiter((t for dialog_ids in ids for t in dialog_ids), dtype=dtype)
+        tokens = np.fromiter((t for dialog_ids in ids for t in dialog_ids), dtype=dtype)
+        return tokens, np.cumsum([0] + [len(d) for d in ids[:-1]], dtype=np.int64)
 
     def encode(self, text):
         """Text we wrote: a special token spelt out in it is that token."""

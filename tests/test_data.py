@@ -104,7 +104,7 @@ def test_sql_quotes_apostrophes(tmp_path):
     db = sqlite3.connect(tmp_path / 'x.db')
     db.execute('CREATE TABLE people(name TEXT PRIMARY KEY, birth_date TEXT)')
     db.execute("INSERT INTO people VALUES ('Ada O''Brien', '1/2/1970')")
-    dialogs, _ = pd.render_dialogs([("Ada O'Brien", '1/2/1970', 'France', 'Paris', 'engineer')])
+    dialogs, _ = pd.render_dialogs([("Ada O'Brien", '1/2/1970', 'France', 'Paris', 'engineer')], dialog.get('itl'))
     sql = dialogs['qatool'][0].split('<|assistant|>')[1].split('<|database|>')[0]
     assert sql == "SELECT birth_date FROM people WHERE name = 'Ada O''Brien';"
     assert format_rows(db.execute(sql).fetchall()) == '1/2/1970'
@@ -227,7 +227,9 @@ def test_check_name_accepts_byte_encodings_and_files_and_names_the_valid_forms(t
         assert tok.check_name(value) is None
     for value in ('bytes', 'gtp2', str(tmp_path / 'missing.tiktoken')):
         assert all(form in tok.check_name(value) for form in ("'byte'", 'cl100k_base', '.tiktoken file'))
-    assert pd.CHECKS['tokenizer'] is tok.check_name
+    # prepare_data.py's check also takes pretrained models, and names them when refusing
+    assert pd.CHECKS['tokenizer']('gpt2') is None and "'smollm2-135m'" in pd.CHECKS['tokenizer']('gtp2')
+    assert pd.CHECKS['tokenizer'](str(tmp_path / 'missing.gguf')) is not None
 
 
 def test_offline_tiktoken_name_explains_how_to_provide_the_file(monkeypatch, tmp_path):
