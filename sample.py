@@ -6,6 +6,7 @@ Ask a trained model questions and watch it use the database.
     python sample.py --out_dir=out/quick --questions_file=questions.txt
     python sample.py --out_dir=out/quick                     # a few random people from the db
     python sample.py --out_dir=out/quick --interactive       # questions from stdin
+    python sample.py --init_from=smollm2-135m --interactive  # a chat: the conversation is kept
     python sample.py --out_dir=out/quick --db=other/people.db  # a database it never saw
     python sample.py --init_from=smollm2-135m --question="What is the capital of France?"
 """
@@ -28,7 +29,7 @@ DEFAULTS = dict(
     init_from='',           # or a pretrained chat model: 'smollm2-135m', a .gguf file
     question=[],            # --question="..." asks it; repeat the flag to ask several at once
     questions_file='',      # one question per line
-    interactive=False,      # read questions from stdin, one per line
+    interactive=False,      # read questions from stdin, one per line (a chat model keeps the conversation)
     num_random=3,           # with no question: this many random questions from the database
     population='',          # ... about 'train' or 'ood' people only ('' = anyone)
     data_dir='',            # '' = the data folder the model was trained on
@@ -67,6 +68,27 @@ def random_questions(db_path, n, seed, population=''):
     return out
 
 
+def chat(bot, sampling):
+    """Questions from stdin, one per line. A chat format keeps the conversation: each question
+    follows the dialog so far, and only the new turns are printed. Our own format was trained on
+    single dialogs, so each question starts anew."""
+    keep = bot.fmt.name != 'itl'
+    print('ask a question (empty line or ctrl-d to quit)', file=sys.stderr)
+    history = ''
+    for line in sys.stdin:
+        if not line.strip():
+            break
+        try:
+            lane = bot.run([line.strip()], histories=[history], **sampling)[0]
+        except ValueError:  # the conversation outgrew the model's context: start a new one
+            print('(the conversation is longer than the model reads: starting anew)', file=sys.stderr)
+            history = ''
+            lane = bot.run([line.strip()], **sampling)[0]
+        new_turns = bot.fmt.turns(lane.text)[len(bot.fmt.turns(history)):]
+        print('\n'.join(f'{role:>9}: {content}' for role, content in new_turns) + '\n', flush=True)
+        history = lane.text + bot.fmt.after_end if keep else ''
+
+
 def main(argv):
     asked = [a.split('=', 1)[1] for a in argv if a.startswith('--question=')]  # repeatable
     cfg = configurator.main_parse(DEFAULTS, [a for a in argv if not a.startswith('--question=')],
@@ -91,12 +113,7 @@ def main(argv):
                     top_p=cfg.top_p, seed=cfg.seed)
     with autocast(device, dtype):
         if cfg.interactive:
-            print('ask a question (empty line or ctrl-d to quit)', file=sys.stderr)
-            for line in sys.stdin:
-                if not line.strip():
-                    break
-                print(format_dialog(bot.run([line.strip()], **sampling)[0].text, bot.fmt) + '\n', flush=True)
-            return
+            return chat(bot, sampling)
         if not asked and not db_path:
             raise SystemExit('error: ask it something: --question="..." (or --interactive)')
         try:

