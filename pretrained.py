@@ -10,8 +10,10 @@ Pretrained Llama-family checkpoints as the project's own GPT (model.py), with th
 The `gguf` package (llama.cpp's reader) reads a file and dequantizes every tensor type into
 float32. Loading maps llama.cpp's tensor names onto ours and undoes its one quirk: the rows of
 the q and k projections are stored permuted for its RoPE over adjacent pairs, where model.py
-rotates halves (as the Hugging Face models do). The tokenizer is rebuilt from the file's
-metadata on tiktoken: a byte-level BPE whose merges come in token-id order, so rank = id.
+rotates halves (as the Hugging Face models do). Llama 3.1's RoPE scaling, which llama.cpp writes
+as a divisor per frequency (the rope_freqs tensor), is read back as model.py's rope_scaling.
+The tokenizer is rebuilt from the file's metadata on tiktoken: a byte-level BPE whose merges
+come in token-id order, so rank = id.
 A Hugging Face folder (config.json, model.safetensors or shards with their index, tokenizer.json,
 the chat template) is read with `safetensors` and json: its names map onto
 ours one for one, and Llama 3.1's RoPE scaling is model.py's rope_scaling. Export writes the same
@@ -19,14 +21,16 @@ kind of folder from any GPT of ours, its tokenizer's merges rebuilt from the ran
 """
 import importlib.util
 import json
+import math
 import os
 import re
 import sys
 
+import numpy as np
 import torch
 
 import configurator
-from model import GPT, CheckpointError, GPTConfig
+from model import GPT, CheckpointError, GPTConfig, llama3_frequencies
 from tokenizer import TiktokenTokenizer, from_meta
 
 DEFAULTS = dict(
@@ -149,15 +153,27 @@ def read_gguf(path):
         raise ValueError(f"{path}: architecture {arch!r}; only 'llama' models load into model.py")
     names = {t.name for t in reader.tensors}
     n_head, n_kv_head = field('llama.attention.head_count'), field('llama.attention.head_count_kv')
+    n_embd, theta = field('llama.embedding_length'), float(field('llama.rope.freq_base', 10000.0))
+    head_dim = n_embd // n_head
+    if field('llama.rope.dimension_count', head_dim) != head_dim:
+        raise ValueError(f"{path}: RoPE over {field('llama.rope.dimension_count')} of each head's "
+                         f"{head_dim} dimensions; model.py rotates them all")
+    if field('llama.rope.scaling.type', 'none') != 'none':
+        raise ValueError(f"{path}: RoPE scaling {field('llama.rope.scaling.type')!r}; model.py has "
+                         f"Llama 3's only (a rope_freqs tensor)")
+    # Llama 3.1/3.2: llama.cpp's converter writes the RoPE scaling as a divisor per frequency
+    freqs = next((t for t in reader.tensors if t.name == 'rope_freqs.weight'), None)
+    scaling = None if freqs is None else llama3_scaling(
+        torch.from_numpy(gguf.quants.dequantize(freqs.data, freqs.tensor_type).copy()).reshape(-1),
+        head_dim, theta, path)
     config = GPTConfig(vocab_size=len(field('tokenizer.ggml.tokens')),
                        block_size=field('llama.context_length'), n_layer=field('llama.block_count'),
-                       n_head=n_head, n_kv_head=n_kv_head, n_embd=field('llama.embedding_length'),
+                       n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd,
                        mlp_hidden=field('llama.feed_forward_length'),
-                       tie_embeddings='output.weight' not in names,
-                       rope_theta=float(field('llama.rope.freq_base', 10000.0)),
+                       tie_embeddings='output.weight' not in names, rope_theta=theta, rope_scaling=scaling,
                        norm_eps=float(field('llama.attention.layer_norm_rms_epsilon')))
     state = {}
-    for tensor in reader.tensors:
+    for tensor in (t for t in reader.tensors if t is not freqs):
         weight = torch.from_numpy(gguf.quants.dequantize(tensor.data, tensor.tensor_type).copy())
         kind = tensor.name.rsplit('.', 2)[-2] if tensor.name.startswith('blk.') else None
         if kind == 'attn_q':
@@ -168,6 +184,49 @@ def read_gguf(path):
     if config.tie_embeddings:
         state['lm_head.weight'] = state['embed.weight']
     return config, state, gguf_tokenizer(field, path), field('tokenizer.chat_template')
+
+
+def llama3_scaling(freq_factors, head_dim, theta, path):
+    """llama.cpp's rope_freqs -> model.py's rope_scaling (Llama 3's), None when they scale nothing.
+
+    llama.cpp divides each rotary frequency by its factor: 1 where the wavelength is short (kept),
+    `factor` where it is long (slowed), and in the band between 1 / ((1 - s) / factor + s), with
+    s linear in 1 / wavelength: 1 at the band's short edge, 0 at its long one. The factors give
+    `factor` and each s, and the line through the s gives the band's edges. Only the edges matter:
+    low_freq_factor is 1 (as in every Llama 3 config), so original_max_position_embeddings is the
+    long edge. Rounded (8192, 4.0), the edges are the config's own and the table is transformers'
+    bit for bit; a config that rounding does not give back keeps the unrounded edges.
+    """
+    f = freq_factors.double()
+    if len(f) != head_dim // 2:
+        raise ValueError(f"{path}: rope_freqs holds {len(f)} factors; heads of {head_dim} "
+                         f"have {head_dim // 2} frequencies")
+    if bool((f == 1).all()):
+        return None
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)  # as model.rope_table
+    u = inv_freq.double() / (2 * math.pi)                     # 1 / wavelength, falling
+    factor = float(f.max())
+    kept, slowed = f == 1, f == factor
+    band = ~kept & ~slowed
+    s = (1 / f - 1 / factor) / (1 - 1 / factor)               # 1 kept, 0 slowed
+    u_kept = float(u[kept].min()) if kept.any() else 2 * float(u[0])
+    u_slowed = float(u[slowed].max())
+    if int(band.sum()) >= 2:    # the line through the band
+        slope, at_0 = np.polyfit(u[band].numpy(), s[band].numpy(), 1)
+        u_long, u_short = -at_0 / slope, (1 - at_0) / slope
+    elif band.any():            # one point: a line through it, its edges within the gaps beside it
+        u_k, s_k = float(u[band][0]), float(s[band][0])
+        step = min(u_k - u_slowed, (u_kept - u_k) * s_k / (1 - s_k)) / 2
+        u_long, u_short = u_k - step, u_k - step + step / s_k
+    else:                       # none: edges anywhere in the gap between kept and slowed
+        u_long, u_short = u_slowed + (u_kept - u_slowed) / 3, u_slowed + 2 * (u_kept - u_slowed) / 3
+    long_edge, high = 1 / u_long, u_short / u_long
+    for edge, high_factor in ((round(long_edge), float(f'{high:.4g}')), (long_edge, high)):
+        scaling = {'factor': float(f'{factor:.7g}'), 'low_freq_factor': 1.0, 'high_freq_factor': high_factor,
+                   'original_max_position_embeddings': edge}
+        if torch.allclose(inv_freq / llama3_frequencies(inv_freq, **scaling), f.float(), rtol=1e-5, atol=0):
+            return scaling
+    raise ValueError(f"{path}: its rope_freqs are not Llama 3's RoPE scaling, the one model.py has")
 
 
 def our_name(name, blocks, block_names, top_names, source):

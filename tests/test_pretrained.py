@@ -2,6 +2,7 @@
 GPT, checked against transformers (an independent implementation) where it is installed."""
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -215,3 +216,135 @@ def test_a_model_we_trained_exports_with_its_byte_tokenizer(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(theirs(torch.tensor([ids])).logits, model(torch.tensor([ids]))[0],
                                    rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# GGUF of a Llama 3.1: its RoPE scaling as llama.cpp writes it, a rope_freqs tensor
+
+def llama_cpp_rope_freqs(head_dim, theta, scaling):
+    """What convert_hf_to_gguf.py writes as rope_freqs.weight for a 'llama3' rope_scaling (its
+    recipe, in float32 as it runs): each frequency's divisor, 1 for short wavelengths, `factor`
+    for long ones, a smooth blend between."""
+    import math
+    factor, low, high = scaling['factor'], scaling['low_freq_factor'], scaling['high_freq_factor']
+    old_context = scaling['original_max_position_embeddings']
+    divisors = []
+    for freq in 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim):
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_context / high:
+            divisors.append(1.0)
+        elif wavelen > old_context / low:
+            divisors.append(factor)
+        else:
+            smooth = (old_context / wavelen - low) / (high - low)
+            divisors.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(divisors, dtype=torch.float32)
+
+
+# transformers' names -> llama.cpp's, written out here (pretrained.py maps the other way)
+GGUF_BLOCK_NAMES = {'input_layernorm': 'attn_norm', 'self_attn.q_proj': 'attn_q', 'self_attn.k_proj': 'attn_k',
+                    'self_attn.v_proj': 'attn_v', 'self_attn.o_proj': 'attn_output',
+                    'post_attention_layernorm': 'ffn_norm', 'mlp.gate_proj': 'ffn_gate', 'mlp.up_proj': 'ffn_up',
+                    'mlp.down_proj': 'ffn_down'}
+GGUF_TOP_NAMES = {'model.embed_tokens.weight': 'token_embd', 'model.norm.weight': 'output_norm',
+                  'lm_head.weight': 'output'}
+
+
+def write_llama_gguf(path, model, theta, rope_freqs):
+    """A transformers Llama as llama.cpp's converter writes it: its names, q and k rows permuted
+    for RoPE over adjacent pairs, float32 tensors, a byte-level vocabulary (ByteTokenizer's)."""
+    from tokenizer import SPECIALS
+    c = model.config
+    writer = gguf.GGUFWriter(path, 'llama')
+    head_dim = c.hidden_size // c.num_attention_heads
+    for add, value in [('context_length', c.max_position_embeddings), ('embedding_length', c.hidden_size),
+                       ('block_count', c.num_hidden_layers), ('feed_forward_length', c.intermediate_size),
+                       ('head_count', c.num_attention_heads), ('head_count_kv', c.num_key_value_heads),
+                       ('rope_freq_base', theta),
+                       ('layer_norm_rms_eps', c.rms_norm_eps), ('rope_dimension_count', head_dim)]:
+        getattr(writer, f'add_{add}')(value)
+    spell = {b: ch for ch, b in pretrained.bytes_of_unicode().items()}
+    writer.add_tokenizer_model('gpt2')
+    writer.add_tokenizer_pre('gpt2')
+    writer.add_token_list([spell[b] for b in range(256)] + list(SPECIALS))
+    writer.add_token_types([1] * 256 + [pretrained.CONTROL] * len(SPECIALS))
+    for name, w in model.state_dict().items():
+        if name == 'lm_head.weight' and c.tie_word_embeddings:
+            continue
+        layer = re.fullmatch(r'model\.layers\.(\d+)\.(.+)\.weight', name)
+        gguf_name = f'blk.{layer[1]}.{GGUF_BLOCK_NAMES[layer[2]]}' if layer else GGUF_TOP_NAMES[name]
+        heads = {'attn_q': c.num_attention_heads, 'attn_k': c.num_key_value_heads}.get(gguf_name.split('.')[-1])
+        if heads:  # convert_hf_to_gguf.py's permute: each head's two halves interleaved in pairs
+            w = w.reshape(heads, 2, w.size(0) // heads // 2, w.size(1)).swapaxes(1, 2).reshape(w.shape)
+        writer.add_tensor(f'{gguf_name}.weight', w.float().contiguous().numpy())
+    if rope_freqs is not None:
+        writer.add_tensor('rope_freqs.weight', rope_freqs.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+# head_dim 32 over theta 1e4: three frequencies in the blended band, the config comes back as it is;
+# head_dim 16 over 1e5: one, the edges come back as any pair that gives the same divisors
+LLAMA31 = {'exact': dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0,
+                         tie_word_embeddings=False),
+           'one_in_band': dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=2, rope_theta=100000.0,
+                               tie_word_embeddings=True)}
+
+
+@pytest.fixture(scope='module', params=list(LLAMA31))
+def llama31(request, tmp_path_factory):
+    """A tiny random Llama 3.1 (transformers), as a Hugging Face folder and as the GGUF file llama.cpp
+    makes of it (rope_freqs included) -> (case, folder, gguf path, transformers model, its rope_scaling)."""
+    transformers = pytest.importorskip('transformers', reason='transformers: the test-only oracle')
+    from tokenizer import ByteTokenizer
+    folder = tmp_path_factory.mktemp(f'llama31_{request.param}')
+    scaling = {'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0, 'original_max_position_embeddings': 64}
+    config = transformers.LlamaConfig(vocab_size=ByteTokenizer.vocab_size, intermediate_size=160, num_hidden_layers=2,
+                                      max_position_embeddings=512, rms_norm_eps=1e-5,
+                                      rope_scaling={'rope_type': 'llama3', **scaling}, **LLAMA31[request.param])
+    torch.manual_seed(0)
+    ref = transformers.LlamaForCausalLM(config).eval()
+    ref.save_pretrained(folder)
+    (folder / 'tokenizer.json').write_text(json.dumps(pretrained.tokenizer_json(ByteTokenizer())))
+    head_dim = config.hidden_size // config.num_attention_heads
+    path = str(folder / 'llama31.gguf')
+    theta = LLAMA31[request.param]['rope_theta']
+    write_llama_gguf(path, ref, theta, llama_cpp_rope_freqs(head_dim, theta, scaling))
+    return request.param, str(folder), path, ref, scaling
+
+
+def test_a_llama31_gguf_reads_its_rope_freqs_as_rope_scaling(llama31):
+    import dataclasses
+    from model import GPT
+    case, folder, path, ref, scaling = llama31
+    from_gguf, tokenizer, _ = pretrained.read_model(path)
+    from_folder, folder_tokenizer, _ = pretrained.read_model(folder)
+    text = "<|user|>Where does Ada O'Brien live?<|assistant|>"
+    assert tokenizer.encode(text) == folder_tokenizer.encode(text)
+    assert all(torch.equal(a, b) for a, b in zip(from_gguf.state_dict().values(), from_folder.state_dict().values()))
+    torch.manual_seed(1)
+    ids = torch.randint(0, ref.config.vocab_size, (2, 150))  # past original_max_position_embeddings (64)
+    unscaled = GPT(dataclasses.replace(from_gguf.config, rope_scaling=None))
+    unscaled.load_state_dict(from_gguf.state_dict())
+    with torch.no_grad():
+        ours, ours_from_folder, theirs, without = from_gguf(ids)[0], from_folder(ids)[0], ref(ids).logits, unscaled(ids)[0]
+    if case == 'exact':  # the config's own values: the same RoPE table, the same logits bit for bit
+        assert from_gguf.config.rope_scaling == scaling and torch.equal(ours, ours_from_folder)
+    else:  # other edges that give the same divisors: the table differs in its last bits at most
+        torch.testing.assert_close(ours, ours_from_folder, rtol=1e-6, atol=1e-6)
+    # float32 through 2 layers, the same math summed in other orders
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert (without - theirs).abs().max() > 1e-3  # 60x the tolerance: the scaling matters here
+
+
+@pytest.mark.parametrize('head_dim, factor', [(128, 8.0), (64, 32.0), (128, 32.0)])  # 3.1 8B, 3.2 1B, 3.2 3B
+def test_rope_freqs_of_real_llama3_configs_give_their_rope_scaling_back(head_dim, factor):
+    scaling = {'factor': factor, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0, 'original_max_position_embeddings': 8192}
+    divisors = llama_cpp_rope_freqs(head_dim, 500000.0, scaling)
+    assert pretrained.llama3_scaling(divisors, head_dim, 500000.0, 'x.gguf') == scaling
+    assert pretrained.llama3_scaling(torch.ones(head_dim // 2), head_dim, 500000.0, 'x.gguf') is None
+    divisors[len(divisors) // 2] *= 1.01  # not a smooth blend: not Llama 3's scaling, refused
+    with pytest.raises(ValueError, match="x.gguf: its rope_freqs are not Llama 3's RoPE scaling"):
+        pretrained.llama3_scaling(divisors, head_dim, 500000.0, 'x.gguf')
