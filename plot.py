@@ -7,17 +7,25 @@ The paper's figures and fitted numbers from a sweep's results.csv (see sweep.py)
 
 A results CSV needs the columns REQUIRED and may have OPTIONAL (blank: missing); others are ignored.
 --compare: the authors' grid as released (results/grid4.csv of github.com/ambroiseodt/itl) in (a).
+Rows whose `model` is a pretrained model (not 'scratch' or blank) are the large-scale study's
+fine-tuning runs: they need FT_REQUIRED instead and have figures of their own; the two studies'
+rows never share a figure.
 
-Writes in out_dir:
+Writes in out_dir, for the controlled study's rows (models trained from scratch):
     params_vs_facts.png   (a) smallest model reaching recall >= threshold against facts, log-log
     recall_vs_params.png  (b) recall against parameters, one curve per number of people
     ood_recall.png        (c) recall on never-seen people against training people, per width
     compressibility.png   (d) (a) for in-weight runs, one curve per alpha
-    summary.json          the numbers behind them
+for the fine-tuning rows (pretrained models):
+    finetune_recall.png        recall on trained and never-seen people against N, per setting
+    finetune_drift.png         KL(base||tuned), TV (and HellaSwag) against N, per setting
+    finetune_recall_steps.png  recall during training (DIR/runs/RUN_ID/metrics.jsonl), per N
+and summary.json, the numbers behind them (the fine-tuning runs' under 'finetune').
 
 A configuration is a grid point less its seed: recall is averaged over the seeds present, and a
 configuration passes when its mean recall reaches the threshold. (a), (b), (c) use the rows with
-alpha == --alpha (1.0: attributes independent of the family); (d) uses every alpha.
+alpha == --alpha (1.0: attributes independent of the family); (d) uses every alpha. A fine-tuning
+point is (model, setting, N) at that alpha, averaged over its seeds likewise.
 """
 import csv
 import json
@@ -66,14 +74,21 @@ def chance_level():
     return float(np.mean([1 / s for s in sizes]))
 
 
-def read_csv(path, required):
-    """The rows of a CSV as dicts of strings; one line naming what is missing if a column is."""
+def read_csv(path, required, keep=lambda record: True):
+    """The rows of a CSV that `keep` accepts, as dicts of strings; one line naming what is missing
+    if a column is (a CSV with none of the rows wanted needs none of their columns)."""
     with open(path, newline='') as f:
         reader = csv.DictReader(f)
-        missing = [c for c in required if c not in (reader.fieldnames or [])]
-        if missing:
-            raise SystemExit(f"error: {path} lacks the columns {', '.join(missing)}")
-        return list(reader)
+        records = [r for r in reader if keep(r)]
+    missing = [c for c in required if c not in (reader.fieldnames or [])]
+    if missing and records:
+        raise SystemExit(f"error: {path} lacks the columns {', '.join(missing)}")
+    return records
+
+
+def is_finetune(record):
+    """A fine-tuning run of the large-scale study: its model is a pretrained one."""
+    return record.get('model') not in (None, '', 'scratch')
 
 
 def add_rows(records, rows):
@@ -90,10 +105,11 @@ def add_rows(records, rows):
 
 
 def load(paths):
-    """Rows of one or more results CSVs (comma-separated paths), later rows winning."""
+    """The controlled study's rows of one or more results CSVs (comma-separated paths), later
+    rows winning; fine-tuning rows are left to load_finetune."""
     rows = {}
     for path in paths.split(','):
-        add_rows(read_csv(path, REQUIRED), rows)
+        add_rows(read_csv(path, REQUIRED, keep=lambda r: not is_finetune(r)), rows)
     return list(rows.values())
 
 
@@ -279,13 +295,185 @@ def plot_compressibility(summary, path):
     plt.close(fig)
 
 
-def main(argv):
-    cfg = configurator.main_parse(DEFAULTS, argv)
-    out_dir = cfg.out_dir or os.path.dirname(cfg.results.split(',')[0]) or '.'
-    os.makedirs(out_dir, exist_ok=True)
-    rows = load(cfg.results)
-    if not rows:
-        raise SystemExit(f"error: no finished runs in {cfg.results}")
+# ----------------------------------------------------------------------------------------------
+# The large-scale study: pretrained models fine-tuned on N people, in-weight or in-tool
+
+FT_POINT = ('model', 'dataset', 'n_people', 'alpha', 'seed')  # one fine-tuning run
+FT_REQUIRED = ('model', 'dataset', 'n_people', 'seed', 'recall')
+FT_OPTIONAL = ('alpha', 'recall_ood', 'steps', 'num_params', 'trainable_params', 'kl_base_tuned',
+               'kl_tuned_base', 'tv', 'top1_agree', 'hellaswag_base', 'hellaswag_tuned')
+FT_MEANS = ('recall', 'recall_ood', 'kl_base_tuned', 'tv', 'hellaswag_base', 'hellaswag_tuned', 'steps')
+FT_TEXT = ('model', 'dataset', 'run_id')
+DASH = {'recall': '-', 'recall_ood': '--'}  # trained people solid, never-seen people dashed
+SEEN = {'recall': 'trained', 'recall_ood': 'never-seen'}
+
+
+def load_finetune(paths):
+    """The fine-tuning rows of one or more results CSVs, later rows winning; each knows its run's
+    folder (DIR/runs/RUN_ID beside its CSV) for the training curves. alpha blank: 1."""
+    rows = {}
+    for path in paths.split(','):
+        for r in read_csv(path, FT_REQUIRED, keep=is_finetune):
+            if any(r.get(k) in (None, '') for k in FT_REQUIRED):
+                continue  # a torn line, or a run without recall evaluation
+            row = {k: _cell(r, k) for k in FT_TEXT + FT_REQUIRED + FT_OPTIONAL}
+            row['alpha'] = 1.0 if row['alpha'] is None else row['alpha']
+            row['run_dir'] = row['run_id'] and os.path.join(os.path.dirname(path), 'runs', row['run_id'])
+            rows[tuple(row[k] for k in FT_POINT)] = row
+    return list(rows.values())
+
+
+def _cell(record, key):
+    """A CSV cell as text (FT_TEXT) or a number; None where blank or absent."""
+    value = record.get(key)
+    return None if value in (None, '') else value if key in FT_TEXT else float(value)
+
+
+def finetune_points(rows):
+    """{model: {dataset: {n_people: means over seeds of FT_MEANS (None: never measured)}}}."""
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r['model'], r['dataset'], int(r['n_people']))].append(r)
+    points = defaultdict(lambda: defaultdict(dict))
+    for (model, ds, n), rs in sorted(groups.items()):
+        points[model][ds][n] = {'seeds': len(rs), **{k: _mean([r[k] for r in rs]) for k in FT_MEANS}}
+    return points
+
+
+def finetune_facts(settings, chance, threshold):
+    """The claims the large-scale study tests, for one model (None: not in these results)."""
+    qa, tool = settings.get('qa', {}), settings.get('qatool', {})
+    recalls = [p[k] for p in tool.values() for k in ('recall', 'recall_ood')]
+    ood = [p['recall_ood'] for p in qa.values() if p['recall_ood'] is not None]
+    kl = [p['kl_base_tuned'] for _, p in sorted(qa.items()) if p['kl_base_tuned'] is not None]
+    both = [n for n in qa if n in tool and None not in (qa[n]['kl_base_tuned'], tool[n]['kl_base_tuned'])]
+    top = max(both, default=None)  # the largest N with both settings' KL
+    return {
+        'in_tool_recall_at_threshold_at_every_n':   # on trained and on never-seen people
+            all(v >= threshold for v in recalls) if recalls and None not in recalls else None,
+        'in_weight_ood_max': max(ood) if ood else None,
+        'in_weight_ood_within_2x_chance': max(ood) <= 2 * chance if ood else None,
+        'largest_n_both_settings': top,
+        'in_weight_kl_above_in_tool_at_largest_n':
+            qa[top]['kl_base_tuned'] > tool[top]['kl_base_tuned'] if top else None,
+        'in_weight_kl_grows_with_n': all(a < b for a, b in zip(kl, kl[1:])) if len(kl) >= 2 else None,
+    }
+
+
+def summarize_finetune(rows, cfg):
+    """rows (at one alpha) -> (finetune_points, summary.json's 'finetune')."""
+    points, chance = finetune_points(rows), chance_level()
+    models = {m: {ds: {str(n): {k: v for k, v in p.items() if v is not None} for n, p in by_n.items()}
+                  for ds, by_n in settings.items()} for m, settings in points.items()}
+    return points, {'runs': len(rows), 'alpha': cfg.alpha, 'chance_level': chance,
+                    'in_tool_threshold': cfg.ood_threshold, 'models': models,
+                    'facts': {m: finetune_facts(s, chance, cfg.ood_threshold) for m, s in points.items()}}
+
+
+def _people_axis(ax, points):
+    """A log axis of people labelled at the Ns of finetune_points, as plain numbers."""
+    people = sorted({n for settings in points.values() for by_n in settings.values() for n in by_n})
+    ax.set_xscale('log')
+    ax.set_xticks(people, [f'{n:g}' for n in people])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set_xlabel('people fine-tuned on (N)')
+
+
+def _settings(points):
+    """(model, dataset, color, label) of each curve: a color per setting, per model if several."""
+    keys = [(m, ds) for m in sorted(points) for ds in ('qa', 'qatool') if ds in points[m]]
+    return [(m, ds, f'C{i}', f'{m}, {LABEL[ds]}' if len(points) > 1 else LABEL[ds])
+            for i, (m, ds) in enumerate(keys)]
+
+
+def plot_finetune_recall(points, chance, path):
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for model, ds, color, label in _settings(points):
+        by_n = sorted(points[model][ds].items())
+        for key, style in DASH.items():
+            xy = [(n, p[key]) for n, p in by_n if p[key] is not None]
+            if xy:
+                ax.plot(*zip(*xy), 'o' + style, color=color, ms=4, label=f'{label}: {SEEN[key]} people')
+    ax.axhline(chance, ls=':', color='gray', lw=1, label=f'chance (best fixed guess) {chance:.4f}')
+    _people_axis(ax, points)
+    ax.set(ylim=(-0.03, 1.03), ylabel='recall (mean over seeds)',
+           title='fine-tuned: recall on trained and never-seen people')
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=120, bbox_inches='tight')
+    plt.close(fig)
+
+
+def plot_finetune_drift(points, path):
+    """KL and TV against N, and HellaSwag where measured; the base model itself sits at 0 drift."""
+    panels = [('kl_base_tuned', 'KL(base || tuned), nats per token'), ('tv', 'total variation')]
+    if any(p['hellaswag_tuned'] is not None for s in points.values() for d in s.values() for p in d.values()):
+        panels.append(('hellaswag_tuned', 'HellaSwag acc_norm'))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2))
+    for ax, (key, ylabel) in zip(axes, panels):
+        for model, ds, color, label in _settings(points):
+            xy = [(n, p[key]) for n, p in sorted(points[model][ds].items()) if p[key] is not None]
+            if xy:
+                ax.plot(*zip(*xy), 'o-', color=color, ms=4, label=label)
+        if key == 'hellaswag_tuned':
+            for model in sorted(points):
+                base = _mean([p['hellaswag_base'] for d in points[model].values() for p in d.values()])
+                if base is not None:
+                    ax.axhline(base, ls=':', color='gray', lw=1, label=f'base {model}: {base:.3f}')
+        else:
+            ax.axhline(0, ls=':', color='gray', lw=1, label='base model (no drift)')
+        _people_axis(ax, points)
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+    fig.suptitle('fine-tuned: drift from the base model on general prompts')
+    fig.savefig(path, dpi=120, bbox_inches='tight')
+    plt.close(fig)
+
+
+def read_curve(run_dir):
+    """(step, recall, recall_ood) of each eval line of a run's metrics.jsonl; None without one."""
+    path = os.path.join(run_dir or '', 'metrics.jsonl')
+    if not run_dir or not os.path.exists(path):
+        print(f"plot: no {path if run_dir else 'run_id, so no metrics.jsonl'}: that run's curve is "
+              f"left out of finetune_recall_steps.png", file=sys.stderr)
+        return None
+    curve = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by an interrupted run
+            if 'recall' in row:  # an eval line (training lines have 'loss' only)
+                curve.append((row['step'], row['recall'], row.get('recall_ood')))
+    return curve
+
+
+def plot_finetune_steps(rows, path):
+    """Recall during training, a panel per setting, a color per N (and a curve per run)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    people = sorted({int(r['n_people']) for r in rows})
+    color = dict(zip(people, plt.cm.viridis(np.linspace(0, 0.9, len(people)))))
+    models, seeds = len({r['model'] for r in rows}), len({r['seed'] for r in rows})  # > 1: say whose
+    for ax, ds in zip(axes, ('qa', 'qatool')):
+        for r in sorted((r for r in rows if r['dataset'] == ds), key=lambda r: (r['n_people'], r['model'])):
+            curve, n = read_curve(r['run_dir']) or [], int(r['n_people'])
+            name = f"N={n}" + f" {r['model']}" * (models > 1) + f" seed {r['seed']:g}" * (seeds > 1)
+            for i, (key, style) in enumerate(DASH.items(), start=1):  # curve: (step, recall, recall_ood)
+                xy = [(c[0], c[i]) for c in curve if c[i] is not None]
+                if xy:
+                    ax.plot(*zip(*xy), style, color=color[n], lw=1.2,
+                            label=name if key == 'recall' else None)
+        ax.set(xlabel='training steps', title=LABEL[ds], ylim=(-0.03, 1.03))
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    axes[0].set_ylabel('recall: trained people (solid), never-seen (dashed)')
+    fig.suptitle('fine-tuned: recall during training')
+    fig.savefig(path, dpi=120, bbox_inches='tight')
+    plt.close(fig)
+
+
+def plot_controlled(rows, cfg, out_dir):
+    """The controlled study's figures (a) to (d) -> its summary."""
     confs, summary = summarize(rows, cfg, load_paper_grid(cfg.compare) if cfg.compare else None)
     plot_min_params(summary, os.path.join(out_dir, 'params_vs_facts.png'))
     plot_panels(confs, cfg.alpha, os.path.join(out_dir, 'recall_vs_params.png'), curve='n_people',
@@ -298,11 +486,41 @@ def main(argv):
                 hlines=[(summary['chance_level'], ':', f"chance (best fixed guess) {summary['chance_level']:.4f}"),
                         (cfg.ood_threshold, '--', f'{cfg.ood_threshold}')])
     plot_compressibility(summary, os.path.join(out_dir, 'compressibility.png'))
-    with open(os.path.join(out_dir, 'summary.json'), 'w') as f:
-        json.dump(summary, f, indent=2)
     print(json.dumps({k: summary[k] for k in ('runs', 'in_weight_loglog_exponent',
                       'in_weight_params_per_fact', 'in_tool_level', 'ood_transition_n_people')}))
-    print(f"wrote 4 figures and summary.json to {out_dir}")
+    return summary
+
+
+def plot_finetune(rows, cfg, out_dir):
+    """The large-scale study's three figures -> its summary (summary.json's 'finetune')."""
+    rows = [r for r in rows if r['alpha'] == cfg.alpha]
+    points, summary = summarize_finetune(rows, cfg)
+    plot_finetune_recall(points, summary['chance_level'], os.path.join(out_dir, 'finetune_recall.png'))
+    plot_finetune_drift(points, os.path.join(out_dir, 'finetune_drift.png'))
+    plot_finetune_steps(rows, os.path.join(out_dir, 'finetune_recall_steps.png'))
+    for model, settings in summary['models'].items():  # one line per model and setting
+        for ds, by_n in settings.items():
+            print(json.dumps({'model': model, 'dataset': ds, **by_n}))
+    print(json.dumps({'finetune_facts': summary['facts']}))
+    return summary
+
+
+def main(argv):
+    cfg = configurator.main_parse(DEFAULTS, argv)
+    out_dir = cfg.out_dir or os.path.dirname(cfg.results.split(',')[0]) or '.'
+    os.makedirs(out_dir, exist_ok=True)
+    rows, ft_rows = load(cfg.results), load_finetune(cfg.results)
+    if not rows and not ft_rows:
+        raise SystemExit(f"error: no finished runs in {cfg.results}")
+    if cfg.compare and not rows:
+        print(f"plot: --compare needs the controlled study's rows, and {cfg.results} has none: "
+              f"{cfg.compare} left out", file=sys.stderr)
+    summary = plot_controlled(rows, cfg, out_dir) if rows else {}
+    if ft_rows:
+        summary['finetune'] = plot_finetune(ft_rows, cfg, out_dir)
+    with open(os.path.join(out_dir, 'summary.json'), 'w') as f:
+        json.dump(summary, f, indent=2)
+    print(f"wrote {4 * bool(rows) + 3 * bool(ft_rows)} figures and summary.json to {out_dir}")
 
 
 if __name__ == '__main__':

@@ -164,3 +164,101 @@ def test_compare_draws_the_paper_beside_ours(tmp_path):
     assert paper['datasets']['qatool']['level'] == 7000
     assert paper['datasets']['qatool']['loglog_exponent'] == pytest.approx(0.0, abs=1e-6)
     assert summary['in_tool_level'] == 5000  # ours, untouched by the comparison
+
+
+# ----------------------------------------------------------------------------------------------
+# The large-scale study: a pretrained model fine-tuned on N people (sweep.py's rows for it)
+
+FINETUNE = SWEEP + ('model', 'trainable_params', 'kl_base_tuned', 'kl_tuned_base', 'tv', 'top1_agree',
+                    'hellaswag_base', 'hellaswag_tuned')  # sweep.COLUMNS
+MODEL = 'smollm2-135m'
+# (dataset, N, seed) -> recall, recall_ood, kl_base_tuned, tv, hellaswag_tuned, steps: in-tool
+# recalls everyone at every N (two seeds at N=25), in-weight recalls fewer of its own people as N
+# grows and never-seen ones never (32 questions: one right answer would be 0.031, 13x chance),
+# and drifts further from the base model, more than in-tool does
+FT_RUNS = {('qa', 25, 0): (0.96875, 0.0, 0.05, 0.08, 0.42, 19),
+           ('qa', 80, 0): (0.6875, 0.0, 0.12, 0.15, 0.40, 60),
+           ('qa', 250, 0): (0.40625, 0.0, 0.3, 0.25, 0.37, 188),
+           ('qatool', 25, 0): (1.0, 1.0, 0.02, 0.03, 0.43, 20),
+           ('qatool', 25, 1): (1.0, 0.9375, 0.03, 0.04, 0.43, 24),
+           ('qatool', 80, 0): (1.0, 0.96875, 0.021, 0.031, 0.43, 20),
+           ('qatool', 250, 0): (1.0, 1.0, 0.019, 0.029, 0.42, 20)}
+
+
+def ft_run_id(ds, n, seed):
+    return f'{ds}-N{n}-a1-{MODEL}-s{seed}'  # sweep.run_id's form
+
+
+def finetune_results(path, runs=FT_RUNS, scratch_rows=()):
+    """FT_RUNS as sweep.py writes them (the model's own shape, drift, HellaSwag), after any
+    controlled-study rows; each run's metrics.jsonl (but qa N=80's) in runs/RUN_ID beside it."""
+    rows = [dict(r, model='scratch') for r in scratch_rows]
+    for (ds, n, seed), (recall, ood, kl, tv, hella, steps) in runs.items():
+        rows.append(dict(run_id=ft_run_id(ds, n, seed), n_people=n, n_facts=4 * n, dataset=ds, seed=seed,
+                         n_embd=576, n_layer=30, n_head=9, alpha=1.0, num_params=134515008, steps=steps,
+                         max_iters=steps, best_loss=0.1, val_loss=0.2, recall=recall, recall_ood=ood,
+                         eval_questions=32, wall_s=300.0, model=MODEL, trainable_params=134515008,
+                         kl_base_tuned=kl, kl_tuned_base=kl * 1.1, tv=tv, top1_agree=0.9,
+                         hellaswag_base=0.43, hellaswag_tuned=hella))
+        if (ds, n) != ('qa', 80):
+            run_dir = path.parent / 'runs' / ft_run_id(ds, n, seed)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lines = [{'step': s, 'loss': 2.0 / (1 + s), 'lr': 5e-5} for s in range(0, steps + 1, 5)]
+            lines += [{'step': s, 'val_loss': 1.0, 'recall': recall * s / steps, 'recall_ood': ood * s / steps,
+                       'recall_min': min(recall, ood) * s / steps} for s in (0, steps // 2, steps)]
+            (run_dir / 'metrics.jsonl').write_text(''.join(json.dumps(x) + '\n' for x in lines) + '{"step": 2')
+    return write_csv(path, FINETUNE, [[r.get(k, '') for k in FINETUNE] for r in rows])
+
+
+def test_finetune_rows_draw_the_large_scale_figures(tmp_path, capsys):
+    path = finetune_results(tmp_path / 'results.csv')
+    assert plot.load(path) == []  # none of them is a controlled-study row
+    plot.main([f'--results={path}', f'--out_dir={tmp_path}/fig'])
+    for name in ('finetune_recall', 'finetune_drift', 'finetune_recall_steps'):
+        assert os.path.getsize(tmp_path / 'fig' / f'{name}.png') > 10_000
+    for name in FIGURES:  # no controlled-study rows: none of its figures
+        assert not os.path.exists(tmp_path / 'fig' / f'{name}.png')
+    err = capsys.readouterr().err
+    assert ft_run_id('qa', 80, 0) in err and 'metrics.jsonl' in err  # the run without its curve
+    summary = json.load(open(tmp_path / 'fig' / 'summary.json'))
+    assert set(summary) == {'finetune'}
+    ft = summary['finetune']
+    assert ft['runs'] == 7 and list(ft['models']) == [MODEL]
+    qa, tool = ft['models'][MODEL]['qa'], ft['models'][MODEL]['qatool']
+    assert qa['80'] == {'seeds': 1, 'recall': 0.6875, 'recall_ood': 0.0, 'kl_base_tuned': 0.12, 'tv': 0.15,
+                        'hellaswag_base': 0.43, 'hellaswag_tuned': 0.4, 'steps': 60}
+    assert tool['25']['seeds'] == 2 and tool['25']['recall_ood'] == pytest.approx(0.96875)
+    assert tool['25']['kl_base_tuned'] == pytest.approx(0.025) and tool['25']['steps'] == 22
+    assert ft['facts'][MODEL] == {'in_tool_recall_at_threshold_at_every_n': True, 'in_weight_ood_max': 0.0,
+                                  'in_weight_ood_within_2x_chance': True, 'largest_n_both_settings': 250,
+                                  'in_weight_kl_above_in_tool_at_largest_n': True,
+                                  'in_weight_kl_grows_with_n': True}
+
+
+@pytest.mark.parametrize('run, change, fact', [
+    (('qatool', 80, 0), {1: 0.5}, 'in_tool_recall_at_threshold_at_every_n'),   # one never-seen miss
+    (('qa', 250, 0), {1: 0.03125}, 'in_weight_ood_within_2x_chance'),          # one right guess
+    (('qatool', 250, 0), {2: 0.5}, 'in_weight_kl_above_in_tool_at_largest_n'),
+    (('qa', 80, 0), {2: 0.4}, 'in_weight_kl_grows_with_n')])                   # above N=250's 0.3
+def test_finetune_facts_follow_the_numbers(tmp_path, run, change, fact):
+    runs = dict(FT_RUNS)
+    runs[run] = tuple(change.get(i, v) for i, v in enumerate(runs[run]))
+    cfg = configurator.parse(plot.DEFAULTS, [])
+    _, summary = plot.summarize_finetune(plot.load_finetune(finetune_results(tmp_path / 'r.csv', runs)), cfg)
+    facts = summary['facts'][MODEL]
+    assert facts[fact] is False
+    assert all(v is not False for k, v in facts.items() if k != fact)  # the others still hold
+
+
+def test_both_studies_in_one_csv_keep_apart(tmp_path):
+    """A CSV holding both studies' rows draws both sets of figures; each summary sees its own."""
+    synthetic = [dict(zip(SWEEP, r)) for r in csv.reader(open(synthetic_results(tmp_path / 's.csv')))][1:]
+    path = finetune_results(tmp_path / 'results.csv', scratch_rows=synthetic)
+    assert len(plot.load(path)) == len(synthetic) and len(plot.load_finetune(path)) == 7
+    plot.main([f'--results={path}', f'--out_dir={tmp_path}/fig'])
+    for name in FIGURES + ('finetune_recall', 'finetune_drift', 'finetune_recall_steps'):
+        assert os.path.exists(tmp_path / 'fig' / f'{name}.png')
+    summary = json.load(open(tmp_path / 'fig' / 'summary.json'))
+    assert summary['runs'] == len(synthetic) and summary['in_tool_level'] == 5000  # as alone
+    assert summary['datasets']['qa']['min_params'] == {'16': 48, '64': 192, '256': 768, '1024': 3072}
+    assert summary['finetune']['runs'] == 7
