@@ -17,6 +17,7 @@ The PyTorch functions below are the reference; triton_kernels.py holds fused Tri
 same math under the same names. Which of the two the model runs is decided when its weights are
 placed on a device (`kernel_ops`), not on every call. Both paths share every parameter.
 """
+import contextlib
 import math
 import os
 import types
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 try:
     import triton_kernels  # needs triton; absent or broken -> PyTorch everywhere
@@ -406,6 +408,7 @@ class GPT(nn.Module):
         self.register_buffer('rope_cos', cos, persistent=False)
         self.register_buffer('rope_sin', sin, persistent=False)
         self.ops = TORCH_OPS
+        self.grad_checkpoint = False  # recompute each block's activations in backward (train.py sets it)
         self.init_weights()
         self._pick_ops()
 
@@ -500,8 +503,14 @@ class GPT(nn.Module):
         at the slots in keep (all when None)."""
         x = self.embed(layout.gather(idx))                                              # (S, C)
         cos, sin = self.rope_cos[layout.pos][:, None], self.rope_sin[layout.pos][:, None]  # (S, 1, hd/2)
+        recompute = self.grad_checkpoint and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, layout=layout, keep=keep if i == len(self.blocks) - 1 else None)
+            block_keep = keep if i == len(self.blocks) - 1 else None
+            if recompute:  # keep each block's input only; backward runs the block again
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, layout=layout, keep=block_keep,
+                                                      use_reentrant=False)
+            else:
+                x = block(x, cos, sin, layout=layout, keep=block_keep)
         return x
 
     # ------------------------------------------------------------------------------------------

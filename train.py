@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 import agent
 import configurator
+import finetune
 from configurator import ConfigError
 from model import (DTYPES, GPT, KERNELS, CheckpointError, GPTConfig, autocast, check_device,
                    load_checkpoint, resolve_device, resolve_dtype)
@@ -32,7 +33,8 @@ from prepare_data import DATASETS, ShardError, read_shard
 DEFAULTS = dict(
     # I/O
     out_dir='out',            # checkpoint, config.json and metrics.jsonl go here
-    init_from='scratch',      # 'scratch', 'resume' (out_dir/ckpt.pt), or another run's out_dir
+    init_from='scratch',      # 'scratch', 'resume' (out_dir/ckpt.pt), another run's out_dir, or a
+                              # pretrained model: 'smollm2-135m', a .gguf file, a Hugging Face folder
     overwrite=False,          # let 'scratch' replace a checkpoint already in out_dir
     data_dir='data/default',  # where prepare_data.py wrote
     dataset='qatool',         # 'qatool' (in-tool), 'qa' (in-weight), 'bio', or 'bio:1,qa:3'
@@ -60,6 +62,13 @@ DEFAULTS = dict(
     mlp_hidden=0,             # SwiGLU hidden width; 0: 4 * n_embd
     tie_embeddings=False,     # share the input embedding with the output layer
     kernels='auto',           # 'auto' (Triton on CUDA, else PyTorch), 'triton' or 'torch'
+    # fine-tuning (finetune.py): what trains
+    lora_rank=0,              # >0: train low-rank adapters of this rank on lora_targets, weights frozen
+    lora_alpha=16.0,          # the adapters' update is scaled by lora_alpha / lora_rank
+    lora_targets='q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj',  # projections LoRA adapts
+    freeze_embeddings=False,  # freeze the token embedding (and the output layer when they are tied)
+    freeze_layers=0,          # freeze the first this many blocks (with LoRA: they get no adapters)
+    grad_checkpoint=False,    # recompute each block's activations in backward: less memory, ~30% more compute
     # optimizer and schedule
     learning_rate=1e-3,       # peak AdamW learning rate, after warmup
     min_lr=0.0,               # the floor the schedule decays to
@@ -95,15 +104,22 @@ def check_dataset(dataset):
 
 
 def check_init_from(value):
-    """None for 'scratch', 'resume' or a folder holding a run's ckpt.pt, else what is valid."""
+    """None for 'scratch', 'resume', a folder holding a run's ckpt.pt or a pretrained model that
+    is here, else what is valid."""
     if value in ('scratch', 'resume') or os.path.isfile(os.path.join(value, 'ckpt.pt')):
         return None
-    return "use 'scratch', 'resume', or the out_dir of another run (a folder holding its ckpt.pt)"
+    if finetune.pretrained.is_model(value):
+        return finetune.check_installed(value)
+    return ("use 'scratch', 'resume', or the out_dir of another run (a folder holding its ckpt.pt), "
+            f"or a pretrained model: {finetune.PRETRAINED}")
 
 
 CHECKS = dict(init_from=check_init_from, dataset=check_dataset, device=check_device,
               dtype=DTYPES, kernels=KERNELS, lr_decay=('cosine', 'linear'),
-              stop_metric=('',) + EVAL_METRICS)
+              stop_metric=('',) + EVAL_METRICS, lora_targets=finetune.check_targets,
+              lora_rank=lambda r: None if r >= 0 else 'a rank >= 0 (0: no LoRA)',
+              lora_alpha=lambda a: None if a > 0 else 'a positive scale',
+              freeze_layers=lambda n: None if n >= 0 else 'a number of blocks >= 0')
 
 
 class DataError(RuntimeError):
@@ -196,13 +212,6 @@ class PackedBatches:
     def load_state(self, state):
         self.epoch, self.pos = state['epoch'], state['pos']
         self.order = self._epoch_order(self.epoch)
-
-
-def to_batch(rows, device):
-    """Packed rows -> model inputs: idx, targets, loss mask (on targets), dialog ids."""
-    tokens, mask, doc_ids = (torch.from_numpy(a) for a in rows)
-    batch = tokens[:, :-1], tokens[:, 1:], mask[:, 1:], doc_ids[:, :-1]
-    return [t.to(device, non_blocking=True) for t in batch]
 
 
 def to_batch(rows, device):
@@ -307,55 +316,90 @@ def peak_flops(cfg, device):
     return 0.0
 
 
-def build(cfg, meta, device):
-    """A new model from cfg's shape, initialised from its seed, and its optimizer."""
-    model_args = {k: getattr(cfg, k) for k in MODEL_KEYS}
-    gpt_config = GPTConfig(vocab_size=meta['vocab_size'], block_size=cfg.block_size,
-                           kernels=cfg.kernels, **model_args)
-    torch.manual_seed(cfg.seed)
-    model = GPT(gpt_config).to(device)
+def model_config(cfg, meta):
+    """The GPTConfig of a new model of cfg's shape."""
+    return GPTConfig(vocab_size=meta['vocab_size'], block_size=cfg.block_size, kernels=cfg.kernels,
+                     **{k: getattr(cfg, k) for k in MODEL_KEYS})
+
+
+def build(cfg, meta, device, model=None):
+    """A model ready to train, and its optimizer -> (model, optimizer, model_args).
+
+    `model`: weights from elsewhere (starting_weights, on the CPU); None: a new one of cfg's shape,
+    initialised from its seed. Then finetune.py's adapters and frozen parts, and the device."""
+    if model is None:
+        torch.manual_seed(cfg.seed)
+        model = GPT(model_config(cfg, meta))
+    finetune.prepare(model, cfg)
+    model = model.to(device)
+    model.grad_checkpoint = cfg.grad_checkpoint
     optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate,
                                           (cfg.beta1, cfg.beta2), device.split(':')[0])
-    return model, optimizer, asdict(gpt_config)
+    return model, optimizer, asdict(model.config)
 
 
-def start(cfg, meta, device, train_batches):
-    """-> (model, optimizer, step, best_val): new, resumed exactly from out_dir/ckpt.pt, or new
-    from the weights of another run (init_from=ITS_OUT_DIR: in-weight first, then in-tool)."""
+def start(cfg, meta, device):
+    """-> (model, optimizer, what resume restores or None): a new model, one resumed exactly from
+    out_dir/ckpt.pt, or a new run from a model's weights: another run's (init_from=ITS_OUT_DIR:
+    in-weight first, then in-tool) or a pretrained model's (finetune.py)."""
     path = os.path.join(cfg.out_dir, 'ckpt.pt')
     if cfg.init_from != 'resume' and os.path.exists(path) and not cfg.overwrite:
         raise CheckpointError(f"{path} exists: --init_from=resume continues it, --overwrite "
                               f"replaces it")
-    if cfg.init_from == 'scratch':
-        model, optimizer, _ = build(cfg, meta, device)
-        return model, optimizer, 0, float('inf')
-    source = path if cfg.init_from == 'resume' else os.path.join(cfg.init_from, 'ckpt.pt')
-    ckpt = load_checkpoint(source)
     if cfg.init_from != 'resume':
-        take_shape(cfg, ckpt, source)
-    model, optimizer, model_args = build(cfg, meta, device)
-    check_compatible(ckpt, model_args, agent.tokenizer_meta(meta), source)
-    model.load_state_dict(ckpt['model'])
-    if cfg.init_from != 'resume':  # its weights, and everything else anew
-        return model, optimizer, 0, float('inf')
+        model, optimizer, _ = build(cfg, meta, device, starting_weights(cfg, meta))
+        return model, optimizer, None
+    ckpt = load_checkpoint(path)
     missing = [k for k in TRAINING_KEYS if k not in ckpt]
     if missing:
         raise CheckpointError(f"{path} cannot be resumed (it has no {', '.join(missing)})")
+    finetune.check_resume(ckpt, cfg, path)
+    model, optimizer, _ = build(cfg, meta, device, starting_weights(cfg, meta, ckpt))
+    finetune.load_lora_state(model, ckpt, path)
     optimizer.load_state_dict(ckpt['optimizer'])
-    train_batches.load_state(ckpt['data_state'])
-    torch.set_rng_state(ckpt['rng_state'])
-    return model, optimizer, ckpt['step'], ckpt['best_val']
+    resumed = {k: ckpt[k] for k in ('step', 'best_val', 'data_state', 'rng_state')}
+    resumed['started_from'] = ckpt.get('started_from', 'scratch')  # 'scratch': its shape is cfg's
+    return model, optimizer, resumed  # not ckpt: its tensors would stay alive beside the model's
 
 
-def take_shape(cfg, ckpt, source):
-    """A run started from another's weights takes that model's shape; a flag that says otherwise
-    (not left at its default) is refused."""
-    for key in MODEL_KEYS + ('block_size',):
-        theirs, ours = ckpt['model_args'][key], getattr(cfg, key)
+def starting_weights(cfg, meta, ckpt=None):
+    """The model a run starts from, on the CPU, its shape now cfg's: the checkpoint it resumes
+    (ckpt), another run's, or a pretrained model's; None: a new one, from cfg's shape."""
+    if cfg.init_from == 'scratch':
+        return None
+    source = os.path.join(cfg.out_dir if ckpt else cfg.init_from, 'ckpt.pt')
+    if not ckpt and not os.path.isfile(source):  # check_init_from: then a pretrained model
+        model = finetune.pretrained_model(cfg.init_from, meta, cfg.data_dir)
+        take_shape(cfg, asdict(model.config), cfg.init_from)
+        model.config.kernels = cfg.kernels
+        return model
+    ckpt = ckpt or load_checkpoint(source)
+    if cfg.init_from == 'resume' and ckpt.get('started_from', 'scratch') == 'scratch':
+        config = model_config(cfg, meta)  # resumed with its own shape flags, checked below
+    else:  # a run from a model's weights takes that model's shape, and again when resumed
+        take_shape(cfg, ckpt['model_args'], source, rows=ckpt['config']['block_size'])
+        config = GPTConfig(**{**ckpt['model_args'], 'kernels': cfg.kernels})
+    check_compatible(ckpt, asdict(config), agent.tokenizer_meta(meta), source)
+    model = GPT(config)
+    model.load_state_dict(ckpt['model'])
+    return model
+
+
+def take_shape(cfg, model_args, source, rows=None):
+    """A run from a model's weights takes that model's shape (model_args); a flag that says
+    otherwise (not left at its default) is refused. block_size stays the rows' length: by default
+    `rows` (the length that model trained on), and never past the model's own block_size."""
+    for key in MODEL_KEYS:
+        theirs, ours = model_args[key], getattr(cfg, key)
         if ours not in (theirs, DEFAULTS[key]):
             raise ConfigError(f"--{key}={ours!r} contradicts {source}, whose model has {key}={theirs!r}: "
                               f"drop the flag")
         setattr(cfg, key, theirs)
+    if rows and cfg.block_size == DEFAULTS['block_size']:
+        cfg.block_size = rows
+    if cfg.block_size > model_args['block_size']:
+        raise ConfigError(f"--block_size={cfg.block_size} is longer than {source}'s model reads "
+                          f"({model_args['block_size']} tokens): use --block_size={model_args['block_size']} or less")
 
 
 class PackedLoss(torch.nn.Module):
@@ -538,22 +582,32 @@ def train(cfg):
     check_options(cfg, world)
     meta = load_dataset_meta(cfg.data_dir)
     mixture = parse_mixture(cfg.dataset)
+    model, optimizer, resumed = start(cfg, meta, device)  # first: the rows' length may be the model's
     train_batches = PackedBatches(cfg.data_dir, mixture, 'train', cfg.block_size, cfg.seed, meta['vocab_size'])
     val_batches = PackedBatches(cfg.data_dir, mixture, 'ood', cfg.block_size, cfg.seed, meta['vocab_size'])
-    model, optimizer, step, best_val = start(cfg, meta, device, train_batches)
+    step, best_val, started_from = 0, float('inf'), cfg.init_from
+    if resumed:
+        train_batches.load_state(resumed['data_state'])
+        torch.set_rng_state(resumed['rng_state'])
+        step, best_val, started_from = resumed['step'], resumed['best_val'], resumed['started_from']
     forward = training_forward(model, cfg, device, world)
     log = None
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(json.dumps({'config': vars(cfg), 'world_size': world, 'device': device, 'dtype': dtype,
-                          'num_params': model.num_params()}))
+                          'num_params': model.num_params(), 'trainable_params': trainable}))
+        print(f"training {trainable:,} of {model.num_params():,} parameters "
+              f"({100 * trainable / model.num_params():.3g}%)", flush=True)
         with open(os.path.join(cfg.out_dir, 'config.json'), 'w') as f:
             json.dump(vars(cfg), f, indent=2)
         log = RunLog(cfg, append=cfg.init_from == 'resume')
 
     def checkpoint():
         if master:
-            save_checkpoint(os.path.join(cfg.out_dir, 'ckpt.pt'), model=model.state_dict(),
+            # 'model': a plain GPT, LoRA merged; 'lora': what resume adds back (finetune.py)
+            save_checkpoint(os.path.join(cfg.out_dir, 'ckpt.pt'), model=finetune.merged_state_dict(model),
+                            lora=finetune.lora_state(model), started_from=started_from,
                             optimizer=optimizer.state_dict(), model_args=asdict(model.config),
                             config=vars(cfg), step=step, best_val=best_val,
                             data_state=train_batches.state(), rng_state=torch.get_rng_state(),

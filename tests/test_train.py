@@ -265,3 +265,17 @@ def test_a_run_starts_from_another_runs_weights_and_shape(data_dir, tmp_path):
     assert load_checkpoint(str(tmp_path / 'tool'))['model_args']['n_embd'] == 48
     with pytest.raises(ConfigError, match=r"--n_embd=32 contradicts .*n_embd=48: drop the flag"):
         train.train(config(data_dir, tmp_path / 'other', f'--init_from={tmp_path}/qa', '--max_iters=1'))
+
+
+def test_a_run_from_another_runs_weights_resumes_exactly_without_its_shape_flags(data_dir, tmp_path):
+    """Its shape came from the other run's model: resume takes it from the checkpoint again."""
+    train.train(config(data_dir, tmp_path / 'qa', '--dataset=qa', '--max_iters=2', '--n_embd=48', '--n_head=3'))
+    parse = lambda *flags: configurator.parse(train.DEFAULTS, [
+        f'--data_dir={data_dir}', '--eval_iters=1', '--eval_interval=1000', '--device=cpu', '--threads=1',
+        '--batch_size=6', '--warmup_iters=1', '--lr_decay_iters=4', *flags], checks=train.CHECKS)
+    train.train(parse(f'--out_dir={tmp_path}/full', f'--init_from={tmp_path}/qa', '--max_iters=4'))
+    train.train(parse(f'--out_dir={tmp_path}/split', f'--init_from={tmp_path}/qa', '--max_iters=2'))
+    train.train(parse(f'--out_dir={tmp_path}/split', '--init_from=resume', '--max_iters=4'))
+    full, split = final_params(tmp_path / 'full'), final_params(tmp_path / 'split')
+    assert all(torch.equal(full[k], split[k]) for k in full)
+    assert load_checkpoint(str(tmp_path / 'split'))['model_args']['n_embd'] == 48
