@@ -6,10 +6,15 @@ appends one row to DIR/results.csv, and running the sweep again runs only what i
     python sweep.py config/sweep_cpu.py --emit_jobs=jobs.txt          # one command line per run
     python sweep.py config/sweep_cpu.py --only=qa-N32-a1-w32-L2-H2-s0 # just that run, in-process
     python plot.py --results=sweeps/cpu/results.csv --out_dir=sweeps/cpu
+    python sweep.py config/sweep_finetune_cpu.py                      # the large-scale study
 
-The grid is every combination of the list-valued keys (n_people, dataset, n_embd, n_layer,
-n_head, seed, alpha). Every other train.py key may be set too, as one value shared by all runs,
-or for one dataset only through per_dataset (e.g. shorter budgets for the in-tool runs).
+The grid is every combination of the list-valued keys (n_people, dataset, model, n_embd, n_layer,
+n_head, seed, alpha). model 'scratch' trains a new model of the grid's shape (the controlled
+study); any other value is a pretrained model (smollm2-135m, a .gguf, a Hugging Face folder)
+fine-tuned on data written in its tokens, whose shape is its own; its row adds the drift
+figures of drift.py (KL and TV from the base model on general prompts, HellaSwag if given).
+Every other train.py key may be set too, as one value shared by all runs, or for one dataset
+only through per_dataset (e.g. shorter budgets for the in-tool runs).
 A run's seed seeds both its people and its model. Datasets are prepared once per (n_people,
 n_ood, alpha, seed) under DIR/data and shared by the qa and qatool runs that need them. A run
 interrupted midway starts over; only its final checkpoint is kept, in DIR/runs/RUN_ID.
@@ -31,15 +36,19 @@ import traceback
 import torch
 
 import configurator
+import dialog
 import prepare_data
+import pretrained
 import train
+from model import GPT, autocast, resolve_dtype
 
-GRID = ('n_people', 'dataset', 'n_embd', 'n_layer', 'n_head', 'seed', 'alpha')
+GRID = ('n_people', 'dataset', 'model', 'n_embd', 'n_layer', 'n_head', 'seed', 'alpha')
 SWEEP = dict(
     out_dir='sweeps/default',  # results.csv, runs/RUN_ID/ (checkpoint, log), data/, sweep.json
     # the grid: one run per combination
     n_people=[16, 64],
     dataset=['qa', 'qatool'],  # in-weight, in-tool
+    model=['scratch'],         # 'scratch' (a new model of the grid's shape) or pretrained models
     n_embd=[16, 32],
     n_layer=[2],
     n_head=[2],
@@ -56,6 +65,11 @@ SWEEP = dict(
     stop_metric={'qa': 'recall', 'qatool': 'recall_min'},  # early stop: in-weight on own people,
                                                            # in-tool on both populations
     per_dataset={},            # settings for one dataset only: {'qatool': {'min_iters': 400}}
+    # what fine-tuning cost a pretrained model (drift.py), measured on each run's final weights
+    drift_prompts=0,           # the first this many general prompts; 0: all
+    drift_tokens=32,           # the base model's completion of each, at most
+    hellaswag='',              # HellaSwag's JSONL: acc_norm of base and tuned; '' skips it
+    hellaswag_n=500,           # its first this many examples
     # running
     workers=0,                 # processes; 0: one per GPU if CUDA, else one per CPU core
     only='',                   # run just this RUN_ID in this process (for cluster arrays)
@@ -66,17 +80,23 @@ PER_RUN = ('out_dir', 'data_dir', 'dataset', 'n_embd', 'n_layer', 'n_head', 'see
            'init_from', 'max_iters', 'eval_questions', 'stop_metric')
 # settings of the whole sweep, which per_dataset cannot change (data is shared by both datasets)
 SWEEP_WIDE = ('out_dir', 'data_dir', 'overwrite', 'init_from', 'stop_metric', 'per_dataset', 'exclude',
-              'n_ood', 'workers', 'threads', 'device', 'only', 'emit_jobs')
+              'n_ood', 'workers', 'threads', 'device', 'only', 'emit_jobs', 'drift_prompts',
+              'drift_tokens', 'hellaswag', 'hellaswag_n')
 NOT_RESULTS = ('device', 'threads', 'compile', 'kernels', 'log_interval', 'ckpt_interval',
                'workers', 'only', 'emit_jobs', 'out_dir', 'exclude') + GRID
 DEFAULTS = {**train.DEFAULTS, 'threads': 1, 'stop_value': 0.95, 'eval_interval': 200,
             'ckpt_interval': 10**9, **SWEEP}
 CHECKS = {**{k: v for k, v in train.CHECKS.items() if k not in GRID + ('stop_metric',)},
           'dataset': lambda names: next((f'{n!r}: {train.check_dataset(n)}' for n in names
-                                         if train.check_dataset(n)), None)}
+                                         if train.check_dataset(n)), None),
+          'model': lambda models: next((f"{m!r}: 'scratch' or a pretrained model ('smollm2-135m', a "
+                                        f".gguf file, a Hugging Face folder)" for m in models
+                                        if m != 'scratch' and not pretrained.is_model(m)), None)}
 COLUMNS = ('run_id', 'n_people', 'n_facts', 'dataset', 'seed', 'n_embd', 'n_layer', 'n_head',
            'alpha', 'num_params', 'steps', 'max_iters', 'best_loss', 'val_loss', 'recall',
-           'recall_ood', 'eval_questions', 'wall_s')
+           'recall_ood', 'eval_questions', 'wall_s', 'model', 'trainable_params', 'kl_base_tuned',
+           'kl_tuned_base', 'tv', 'top1_agree', 'hellaswag_base', 'hellaswag_tuned')
+DRIFT_COLUMNS = ('kl_base_tuned', 'kl_tuned_base', 'tv', 'top1_agree')
 FACTS_PER_PERSON = len(prepare_data.ATTRIBUTES)
 
 
@@ -84,9 +104,21 @@ FACTS_PER_PERSON = len(prepare_data.ATTRIBUTES)
 # The grid and the results file
 
 def run_id(run):
-    """A stable, readable name for a grid point: qatool-N64-a1-w32-L2-H2-s0."""
-    return (f"{run['dataset']}-N{run['n_people']}-a{run['alpha']:g}-w{run['n_embd']}"
-            f"-L{run['n_layer']}-H{run['n_head']}-s{run['seed']}")
+    """A stable, readable name for a grid point: qatool-N64-a1-w32-L2-H2-s0, or for a pretrained
+    model (whose shape is its own) qatool-N64-a1-smollm2-135m-s0."""
+    shape = (f"w{run['n_embd']}-L{run['n_layer']}-H{run['n_head']}" if is_scratch(run)
+             else model_tag(run['model']))
+    return f"{run['dataset']}-N{run['n_people']}-a{run['alpha']:g}-{shape}-s{run['seed']}"
+
+
+def is_scratch(run):
+    return run.get('model', 'scratch') == 'scratch'
+
+
+def model_tag(model):
+    """'smollm2-135m', '/models/Llama-3.2-1B/' -> 'Llama-3.2-1B', 'x/y.Q8_0.gguf' -> 'y.Q8_0'."""
+    name = os.path.basename(os.path.normpath(model))
+    return name[:-len('.gguf')] if name.endswith('.gguf') else name
 
 
 def expand(cfg):
@@ -177,16 +209,19 @@ def check_settings(cfg):
 # ----------------------------------------------------------------------------------------------
 # One run
 
-def ensure_data(cfg, n_people, alpha, seed):
-    """The dataset for these people, prepared once. Written to a private folder and renamed into
-    place, so concurrent workers never see half a dataset (same seed, same bytes: any one wins)."""
+def ensure_data(cfg, n_people, alpha, seed, model='scratch'):
+    """The dataset for these people (in a pretrained model's tokens and chat format, for one),
+    prepared once. Written to a private folder and renamed into place, so concurrent workers
+    never see half a dataset (same seed, same bytes: any one wins)."""
     root = os.path.join(cfg.out_dir, 'data')
-    path = os.path.join(root, f'N{n_people}-ood{cfg.n_ood}-a{alpha:g}-s{seed}')
+    tokens = '' if model == 'scratch' else f'-{model_tag(model)}'
+    path = os.path.join(root, f'N{n_people}-ood{cfg.n_ood}-a{alpha:g}-s{seed}{tokens}')
     if os.path.isdir(path):
         return path
     tmp = f'{path}.tmp{os.getpid()}'
     flags = [f'--out_dir={tmp}', f'--n_people={n_people}', f'--n_ood={cfg.n_ood}',
              f'--alpha={alpha}', f'--seed={seed}', '--overwrite=True']
+    flags += [] if model == 'scratch' else [f'--tokenizer={model}']
     with contextlib.redirect_stdout(io.StringIO()):
         prepare_data.prepare(configurator.parse(prepare_data.DEFAULTS, flags))
     try:
@@ -200,33 +235,70 @@ def train_config(cfg, run, data_dir, device):
     """train.py's config for one run: the sweep's shared settings plus the grid point."""
     tcfg = configurator.parse(train.DEFAULTS, [])
     vars(tcfg).update({k: setting(cfg, run, k) for k in train.DEFAULTS if k not in PER_RUN})
-    vars(tcfg).update({k: run[k] for k in ('dataset', 'n_embd', 'n_layer', 'n_head', 'seed')})
+    vars(tcfg).update({k: run[k] for k in ('dataset', 'seed')})
+    if is_scratch(run):  # a pretrained model's shape is its own
+        vars(tcfg).update({k: run[k] for k in ('n_embd', 'n_layer', 'n_head')})
+    else:
+        tcfg.init_from = run['model']
     vars(tcfg).update(out_dir=os.path.join(cfg.out_dir, 'runs', run['id']), data_dir=data_dir,
                       overwrite=True, device=device, max_iters=max_iters_of(cfg, run),
                       stop_metric=cfg.stop_metric.get(run['dataset'], 'recall'),
                       eval_questions=min(FACTS_PER_PERSON * run['n_people'],
                                          setting(cfg, run, 'eval_questions')))
     ref_width = setting(cfg, run, 'lr_ref_width')
-    if ref_width:  # narrow models learn too slowly at a wide one's learning rate
+    if ref_width and is_scratch(run):  # narrow models learn too slowly at a wide one's learning rate
         scale = ref_width / run['n_embd']
         tcfg.learning_rate, tcfg.min_lr = tcfg.learning_rate * scale, tcfg.min_lr * scale
     return tcfg
 
 
 def train_run(run, cfg, device='cpu'):
-    """Prepare the data if needed, train from scratch, and return the run's results row."""
+    """Prepare the data if needed, train (from scratch, or fine-tune a pretrained model and
+    measure its drift), and return the run's results row."""
     t0 = time.time()
-    data_dir = ensure_data(cfg, run['n_people'], run['alpha'], run['seed'])
+    data_dir = ensure_data(cfg, run['n_people'], run['alpha'], run['seed'], run.get('model', 'scratch'))
     tcfg = train_config(cfg, run, data_dir, device)
     os.makedirs(tcfg.out_dir, exist_ok=True)
     with open(os.path.join(tcfg.out_dir, 'log.txt'), 'w') as log, contextlib.redirect_stdout(log):
         result = train.train(tcfg)
-    return {**{k: run[k] for k in GRID}, 'run_id': run['id'],
+        drift = {} if is_scratch(run) else measure_drift(cfg, run, tcfg.out_dir, device)
+    return {**{k: run[k] for k in GRID}, 'run_id': run['id'], **drift,
+            **{k: getattr(tcfg, k) for k in ('n_embd', 'n_layer', 'n_head')},  # the model's own
             'n_facts': FACTS_PER_PERSON * run['n_people'], 'num_params': result['num_params'],
             'steps': result['step'], 'max_iters': tcfg.max_iters,
             'best_loss': round(result['best_loss'], 5), 'val_loss': round(result['val_loss'], 5),
             'recall': result.get('recall', ''), 'recall_ood': result.get('recall_ood', ''),
-            'eval_questions': tcfg.eval_questions, 'wall_s': round(time.time() - t0, 1)}
+            'trainable_params': result.get('trainable_params', ''), 'eval_questions': tcfg.eval_questions, 'wall_s': round(time.time() - t0, 1)}
+
+
+_bases = {}  # a worker's pretrained base models, loaded once: (model, tokenizer, format)
+
+
+def measure_drift(cfg, run, out_dir, device):
+    """drift.py's figures for a fine-tuned run against its base model -> columns of its row.
+    The base's completions of the general prompts are written once for the whole sweep."""
+    import drift  # imports pretrained.py: only a sweep of pretrained models needs it
+    if run['model'] not in _bases:
+        model, tokenizer, fmt = pretrained.load(run['model'], device)
+        _bases[run['model']] = model, tokenizer, dialog.get(fmt)
+    base, tokenizer, fmt = _bases[run['model']]
+    tuned, _ = GPT.from_checkpoint(out_dir, device)
+    prompts = drift.read_prompts('', cfg.drift_prompts)
+    dtype = resolve_dtype('auto', device)
+    with autocast(device, dtype):
+        completions, _, _ = drift.base_completions(base, tokenizer, fmt, prompts, cfg.drift_tokens,
+                                                   32, cfg.out_dir, dtype)
+        report = drift.measure(tuned, base, tokenizer, fmt, prompts, cfg.drift_tokens, seed=run['seed'],
+                               completions=completions)
+        row = {k: round(report[k], 5) for k in DRIFT_COLUMNS}
+        if cfg.hellaswag:
+            examples = drift.read_hellaswag(cfg.hellaswag, cfg.hellaswag_n)
+            for name, model in (('base', base), ('tuned', tuned)):
+                row[f'hellaswag_{name}'] = round(drift.multiple_choice(model, tokenizer, examples)['acc_norm'], 4)
+    with open(os.path.join(out_dir, 'drift.json.tmp'), 'w') as f:
+        json.dump(report, f, indent=2)
+    os.replace(f.name, os.path.join(out_dir, 'drift.json'))
+    return row
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,18 +357,19 @@ def sweep(cfg, run_fn=train_run, argv=()):
     check_settings(cfg)
     workers, devices = pick_devices(cfg)
     workers = min(workers, len(todo)) or 1
+    threads = cfg.threads or max(1, (os.cpu_count() or 1) // workers)  # 0: the cores shared out
     print(f"{len(runs)} runs, {len(runs) - len(todo)} already in {results}, {len(todo)} to run "
           f"on {workers} worker(s)", flush=True)
     rows, failed, t0, pool = [], 0, time.time(), None
     if workers == 1:  # in this process: no pickling, and easy to debug
-        _init_worker(devices[0], run_fn, cfg.threads)
+        _init_worker(devices[0], run_fn, threads)
         finished = map(_work, ((r, cfg) for r in todo))
     else:
         ctx = mp.get_context('spawn')  # fresh interpreters: no forked torch or CUDA state
         queue = ctx.Queue()
         for device in devices[:workers]:
             queue.put(device)
-        pool = ctx.Pool(workers, _init_worker, (queue, run_fn, cfg.threads))
+        pool = ctx.Pool(workers, _init_worker, (queue, run_fn, threads))
         finished = pool.imap_unordered(_work, [(r, cfg) for r in todo])
     try:
         for i, (run, row, error) in enumerate(finished, 1):

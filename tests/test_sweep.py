@@ -149,3 +149,37 @@ def test_one_real_tiny_run(tmp_path):
     assert 0 <= row['recall'] <= 1 and 0 <= row['recall_ood'] <= 1 and row['eval_questions'] == 16
     assert os.path.exists(tmp_path / 'runs' / row['run_id'] / 'ckpt.pt')
     assert os.path.exists(tmp_path / 'data' / 'N4-ood4-a1-s0' / 'meta.json')
+
+
+def tiny_chat_model(folder):
+    """A small random Llama with a ChatML tokenizer of its own, as a Hugging Face folder: what the
+    large-scale study fine-tunes, at test size."""
+    import dialog
+    import pretrained
+    import tokenizer as tok
+    from model import GPT, GPTConfig
+    ranks = tok.train_bpe(['When was Ada Smith born? Ada Smith was born on 1/7/1975. SELECT birth_date '
+                           'FROM people WHERE name = user assistant database'], 300)
+    specials = {s: len(ranks) + i for i, s in enumerate(dialog.get('chatml').special_tokens)}
+    tokenizer = tok.TiktokenTokenizer('tiny', ranks, pretrained.PRE_PATTERNS['smollm'], specials, appended=())
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=512, n_layer=1, n_head=2, n_embd=32))
+    pretrained.export(model, tokenizer, str(folder), chat_template='{{ "<|im_start|>" }}')
+    return str(folder)
+
+
+def test_a_sweep_of_a_pretrained_model_fine_tunes_it_measures_its_drift_and_resumes(tmp_path):
+    base = tiny_chat_model(tmp_path / 'base')
+    cfg = sweep_config(tmp_path / 'sweep', f"--model=['{base}']", '--n_people=[4]', '--n_ood=4',
+                       '--max_iters=3', '--eval_interval=3', '--batch_size=2', '--block_size=256',
+                       '--learning_rate=0.01', '--drift_prompts=4', '--drift_tokens=4')
+    rows = sweep.sweep(cfg)
+    assert sorted(r['run_id'] for r in rows) == ['qa-N4-a1-base-s0', 'qatool-N4-a1-base-s0']
+    for row in rows:
+        assert row['model'] == base and row['n_embd'] == 32 and row['steps'] == 3  # the model's shape
+        assert row['kl_base_tuned'] > 0 and row['tv'] > 0 and 0 <= row['top1_agree'] <= 1  # it moved
+        assert os.path.exists(tmp_path / 'sweep' / 'runs' / row['run_id'] / 'drift.json')
+    written = read_rows(tmp_path / 'sweep' / 'results.csv')
+    assert [float(r['kl_base_tuned']) for r in written] == [r['kl_base_tuned'] for r in rows]
+    assert os.path.exists(tmp_path / 'sweep' / 'data' / 'N4-ood4-a1-s0-base' / 'meta.json')
+    assert len([f for f in os.listdir(tmp_path / 'sweep') if f.startswith('drift_base_')]) == 1  # once
+    assert sweep.sweep(cfg) == []  # all done: a second call runs nothing

