@@ -16,7 +16,7 @@ import train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ('prepare_data.py', 'train.py', 'agent.py', 'sample.py', 'sweep.py', 'plot.py',
            'bench/prepare_data.py', 'bench/train.py', 'bench/compare.py', 'bench/agent.py',
-           'bench/kernels.py', 'bench/generate.py', 'pretrained.py', 'drift.py')
+           'bench/kernels.py', 'bench/generate.py', 'pretrained.py', 'drift.py', 'bench/finetune.py')
 
 
 def test_every_script_answers_help_with_every_option_and_its_meaning():
