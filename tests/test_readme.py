@@ -79,7 +79,8 @@ def test_every_readme_command_runs(tmp_path):
             continue
         script = next(w for w in words if w.endswith('.py'))
         argv = [sys.executable, '-m', 'torch.distributed.run'] if words[0] == 'torchrun' else [sys.executable]
-        argv += words[1:] + (TINY_PRETRAINED.get(script, TINY[script]) if about_pretrained else TINY[script])
+        tiny = TINY_PRETRAINED if about_pretrained and script in TINY_PRETRAINED else TINY
+        argv += words[1:] + tiny[script]
         done = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=600,
                               input='Where does Ada Smith live?\n\n')
         if any(w in NEEDS_DOWNLOAD for w in words) and done.returncode:
