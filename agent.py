@@ -43,6 +43,8 @@ DEFAULTS = dict(
     records='',              # write one JSON line per question to this file
     device='auto',           # 'auto', 'cpu', 'cuda', 'cuda:1', ...
     dtype='auto',            # 'auto' (bfloat16 on CUDA, float32 on CPU), 'float32', 'bfloat16'
+    draft=8,                 # greedy: tokens guessed ahead a step from the dialog so far, all
+                             # checked in one pass (the same answers, fewer steps); 0: none
 )
 TOOL_ROOM = 1024  # tokens a lane keeps for the database's answers
 CHECKS = dict(split=('train', 'ood'), device=check_device, dtype=DTYPES,
@@ -65,13 +67,73 @@ def is_correct(answer, expected):
     return re.search(r'(?<![\w/])' + re.escape(expected) + r'(?![\w/])', answer) is not None
 
 
+def ngram_keys(tokens, n):
+    """One int64 per run of n tokens (ids below 2**17, n <= 3): keys[..., i] for tokens[..., i:i+n]."""
+    keys = tokens[..., :tokens.size(-1) - n + 1]
+    for i in range(1, n):
+        keys = (keys << 17) | tokens[..., i:tokens.size(-1) - n + 1 + i]
+    return keys
+
+
+class Drafter:
+    """Prompt-lookup drafts, batched: a lane's last n tokens are looked up in its own dialog
+    (their latest earlier occurrence), else in a few example dialogs, and the k tokens that
+    followed them there are the draft. What the model writes is mostly copied: the name in the
+    SQL is the question's, the value in the answer the database's, the SQL itself and the
+    sentence around the value are the examples'. A draft stops before a stop token, so the
+    agent still sees every end of turn and tool call one token at a time."""
+
+    def __init__(self, examples=(), n=3, k=8, stop_ids=()):
+        self.n, self.k = n, k
+        self.stop_ids = torch.tensor(sorted(set(stop_ids)), dtype=torch.long)
+        follow = {}  # an example n-gram's key -> the tokens after it (the last example's wins)
+        for ids in examples:
+            ids = torch.tensor(ids, dtype=torch.long)
+            for i, key in enumerate(ngram_keys(ids, n).tolist()[:-1]):
+                follow[key] = ids[i + n:i + n + k]
+        self.keys = torch.tensor(sorted(follow), dtype=torch.long)
+        self.drafts = torch.zeros(len(follow), k, dtype=torch.long)
+        self.counts = torch.zeros(len(follow), dtype=torch.long)
+        for row, key in enumerate(sorted(follow)):
+            self.drafts[row, :len(follow[key])] = follow[key]
+            self.counts[row] = len(follow[key])
+
+    def __call__(self, tokens, length, room):
+        """tokens (R, L) lanes' dialogs, length (R,), room (R,) the most tokens a lane may take
+        -> drafts (R, k) and how many of each are real (R,)."""
+        n, k, device = self.n, self.k, tokens.device
+        tokens = tokens[:, :int(length.max())]
+        keys = ngram_keys(tokens, n)                                   # (R, L - n + 1)
+        last = (length - n).clamp(min=0)                               # where each lane's last n-gram starts
+        suffix = keys.gather(1, last[:, None])                         # (R, 1)
+        starts = torch.arange(keys.size(1), device=device)
+        seen = torch.where((keys == suffix) & (starts < last[:, None]), starts, -1).max(1).values
+        at = (seen + n)[:, None] + torch.arange(k, device=device)      # (R, k)
+        draft = tokens.gather(1, at.clamp(max=tokens.size(1) - 1))
+        count = torch.where(seen >= 0, (length - seen - n).clamp(max=k), 0)
+        if len(self.keys):  # no earlier occurrence: the examples'
+            self.keys, self.drafts, self.counts = (t.to(device) for t in (self.keys, self.drafts, self.counts))
+            row = torch.searchsorted(self.keys, suffix.squeeze(1)).clamp(max=len(self.keys) - 1)
+            known = (self.keys[row] == suffix.squeeze(1)) & (seen < 0)
+            draft = torch.where(known[:, None], self.drafts[row], draft)
+            count = torch.where(known, self.counts[row], count)
+        count = torch.minimum(count, room.clamp(min=0)) * (length >= n)
+        # up to the first stop token: it comes from the model, one token a step
+        stops = torch.isin(draft, self.stop_ids.to(device)) | (torch.arange(k, device=device) >= count[:, None])
+        return draft, stops.long().argmax(1).where(stops.any(1), count)
+
+
 class Agent:
-    def __init__(self, model, tokenizer, fmt, sql_tool=None, cache_dtype=None):
+    def __init__(self, model, tokenizer, fmt, sql_tool=None, cache_dtype=None, examples=(), draft=8):
+        """examples: a few dialogs in the model's format, the drafts' source besides each lane's
+        own text; draft: the most tokens guessed ahead per step under greedy decoding (0: none)."""
         self.model, self.tok, self.fmt, self.tool = model, tokenizer, fmt, sql_tool
         self.cache_dtype = cache_dtype  # None: the model's (bfloat16 on GPU halves the cache)
         self.end_id = dialog.single_token(tokenizer, fmt.end)
         # the token a tool call ends with (ChatML's is end_id); a model with no tool needs none
         self.call_id = dialog.single_token(tokenizer, fmt.tool_call) if sql_tool else None
+        stop_ids = [self.end_id] + ([self.call_id] if sql_tool else [])
+        self.drafter = Drafter([tokenizer.encode(e) for e in examples], k=draft, stop_ids=stop_ids) if draft else None
 
     def _tool_answer(self, turn_ids):
         """An assistant turn that ended with a tool call -> (the tokens spliced after it: the
@@ -143,7 +205,10 @@ class Agent:
             if 4 * int((~live).sum()) > len(live):  # mostly finished rows: shrink the cache
                 model.keep_lanes(live)
                 rows, live = rows[live], live[live]
-            logits = self._advance(tokens, length, rows, live)
+            if self.drafter and temperature == 0:
+                logits = self._speculate(tokens, length, generated, rows, live, max_new_tokens)
+            else:
+                logits = self._advance(tokens, length, rows, live)
         return [Lane(text=self.tok.decode(tokens[b, :length[b]].tolist()), tool_calls=tool_calls[b],
                      tool_errors=tool_errors[b], finished=bool(finished[b]), generated=int(generated[b]))
                 for b in range(B)]
@@ -183,6 +248,38 @@ class Agent:
         model, max_len = self.model, tokens.size(1)
         step = tokens[rows, model.cache_lengths.clamp(max=max_len - 1)][:, None]
         logits = model.decode(step, live.long())
+        return self._splice(tokens, length, rows, live, logits)
+
+    def _speculate(self, tokens, length, generated, rows, live, max_new_tokens):
+        """_advance with drafts (greedy decoding): each lane's sampled token goes in followed by
+        the Drafter's guess of what comes next, all checked in the same forward pass; a lane
+        keeps the guessed tokens up to the first the model would not have written itself, so the
+        dialog is the one a token a step would write."""
+        model, max_len = self.model, tokens.size(1)
+        cached = model.cache_lengths
+        lane = rows
+        plain = live & (length[lane] == cached + 1)  # wrote one token, no tool answer to splice
+        room = torch.minimum(max_new_tokens - 1 - generated[lane], max_len - 1 - length[lane])
+        draft, n_draft = self.drafter(tokens[lane], length[lane], torch.where(plain, room, 0))
+        n_draft = n_draft[:, None]
+        width = int(n_draft.max())
+        step = torch.cat([tokens[lane, cached.clamp(max=max_len - 1)][:, None], draft[:, :width]], 1)
+        logits = model.decode(step, live.long() + n_draft.squeeze(1), every=True)  # (R, 1 + width, V)
+        ahead = torch.arange(width, device=tokens.device)
+        agree = (logits[:, :-1].argmax(-1) == draft[:, :width]) & (ahead < n_draft)
+        kept = agree.long().cumprod(1).sum(1)                         # (R,) drafted tokens kept
+        model.cache_lengths -= n_draft.squeeze(1) - kept              # the others leave the cache
+        at = length[lane][:, None] + ahead
+        keep = ahead < kept[:, None]
+        tokens[lane[:, None].expand(-1, width)[keep], at[keep]] = draft[:, :width][keep]
+        length[lane] += kept
+        generated[lane] += kept
+        logits = logits[torch.arange(len(lane), device=tokens.device), kept]
+        return self._splice(tokens, length, rows, live, logits)
+
+    def _splice(self, tokens, length, rows, live, logits):
+        """Feed the tool answers waiting in some lanes, in a step over just those rows."""
+        model, max_len = self.model, tokens.size(1)
         spliced = (live & (length[rows] > model.cache_lengths)).nonzero().squeeze(1)
         if len(spliced):
             lane, cached = rows[spliced], model.cache_lengths[spliced]
@@ -237,13 +334,28 @@ def tokenizer_meta(meta):
             'format': meta.get('format', 'itl')}
 
 
-def make_agent(model, tokenizer_info, db_path, dataset, dtype='float32'):
+def make_agent(model, tokenizer_info, db_path, dataset, dtype='float32', data_dir='', draft=8):
     """In-tool models get the SQL tool; in-weight ones answer from memory, with no tool turn.
-    tokenizer_info: tokenizer_meta() of the model's data (a checkpoint's 'tokenizer')."""
+    tokenizer_info: tokenizer_meta() of the model's data (a checkpoint's 'tokenizer');
+    data_dir: the data it was trained on, whose first dialogs the drafts draw on."""
     tokenizer = tok.from_meta(tokenizer_info['tokenizer'])
     fmt = dialog.get(tokenizer_info.get('format', 'itl'))
     sql_tool = SqlTool(db_path) if 'qatool' in dataset else None
-    return Agent(model, tokenizer, fmt, sql_tool, cache_dtype=getattr(torch, dtype))
+    examples = example_dialogs(data_dir, dataset) if data_dir else ()
+    return Agent(model, tokenizer, fmt, sql_tool, cache_dtype=getattr(torch, dtype), examples=examples,
+                 draft=draft)
+
+
+def example_dialogs(data_dir, dataset, n=16):
+    """The first n training dialogs of each dataset a model was trained on ('qatool',
+    'bio:1,qa:3'): what its answers look like."""
+    texts = []
+    for name in (part.split(':')[0] for part in dataset.split(',')):
+        path = os.path.join(data_dir, f'{name}_train.jsonl')
+        if os.path.exists(path):
+            with open(path) as f:
+                texts += [json.loads(line)['text'] for line, _ in zip(f, range(n))]
+    return texts
 
 
 def read_questions(data_dir, split, n):
@@ -320,7 +432,8 @@ def evaluate(agent, questions, batch_size=1024, records='', **sampling):
 
 def recall_metrics(model, data_dir, meta, dataset, n):
     """train.py's periodic recall: accuracy on n questions about trained and about OOD people."""
-    bot = make_agent(model, tokenizer_meta(meta), os.path.join(data_dir, 'people.db'), dataset)
+    bot = make_agent(model, tokenizer_meta(meta), os.path.join(data_dir, 'people.db'), dataset,
+                     data_dir=data_dir)
     out = {}
     for split, key in (('train', 'recall'), ('ood', 'recall_ood')):
         out[key] = evaluate(bot, read_questions(data_dir, split, n))[0]['accuracy']
@@ -335,7 +448,7 @@ def main(argv):
     try:
         model, ckpt, data_dir = load_trained(cfg.out_dir, device, cfg.data_dir)
         bot = make_agent(model, ckpt['tokenizer'], cfg.db or os.path.join(data_dir, 'people.db'),
-                         ckpt['config']['dataset'], dtype)
+                         ckpt['config']['dataset'], dtype, data_dir, cfg.draft)
         questions = read_questions(data_dir, cfg.split, cfg.n)
     except (FileNotFoundError, CheckpointError) as e:
         raise SystemExit(f"error: {e}")

@@ -296,10 +296,14 @@ class RMSNorm(nn.Module):
 
 @dataclass
 class DecodeStep:
-    """Where the new tokens of one decode call go, computed once for every layer."""
-    write_pos: torch.Tensor  # (B, S) cache slot of each new token; padding goes to the dump slot
-    attn_mask: torch.Tensor  # (B, 1, S, context) which cached keys each new token sees
-    rows: torch.Tensor = None  # the cache rows of these lanes (None: every row)
+    """Where the new tokens of one decode call go, computed once for every layer. The layers
+    run on the N real tokens only (a lane given fewer than S leaves padding out); attention
+    lays their queries out as a (B, S) grid over the lanes' cache rows."""
+    slot: torch.Tensor       # (N,) each real token's place in the flattened (B, S) grid
+    cache_row: torch.Tensor  # (N,) its lane's cache row
+    cache_pos: torch.Tensor  # (N,) its position, where its key and value are written
+    attn_mask: torch.Tensor  # (B, 1, S, context) which cached keys each query of the grid sees
+    rows: torch.Tensor = None  # the cache rows of the B lanes (None: every row)
 
 
 class CausalSelfAttention(nn.Module):
@@ -324,15 +328,19 @@ class CausalSelfAttention(nn.Module):
             v = self.v_proj(x).view(S, self.n_kv_head, self.head_dim)
             q, k = self.ops.rope(q, k, cos, sin)
             return self.o_proj(layout.attend(q, k, v))
+        if step is not None:  # (N, C): the real new tokens of cached lanes
+            N, C = x.shape
+            q = self.q_proj(x).view(N, self.n_head, self.head_dim)
+            k = self.k_proj(x).view(N, self.n_kv_head, self.head_dim)
+            v = self.v_proj(x).view(N, self.n_kv_head, self.head_dim)
+            q, k = self.ops.rope(q, k, cos, sin)
+            return self.o_proj(self.attend_cache(q, k, v, step).to(x.dtype))
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = self.ops.rope(q, k, cos, sin)
-        if step is None:
-            y = F.scaled_dot_product_attention(q, self.share_kv(k), self.share_kv(v), is_causal=True)
-        else:
-            y = self.attend_cache(q, k, v, step).to(x.dtype)
+        y = F.scaled_dot_product_attention(q, self.share_kv(k), self.share_kv(v), is_causal=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
 
     def share_kv(self, t):
@@ -341,26 +349,26 @@ class CausalSelfAttention(nn.Module):
         return t if group == 1 else t.repeat_interleave(group, dim=1)
 
     def setup_cache(self, batch_size, max_len, device, dtype):
-        # slot max_len is a dump: padding tokens of a lane that appends fewer tokens than the
-        # others are written there and never read, so every lane's cache stays exact
-        shape = (batch_size, self.n_kv_head, max_len + 1, self.head_dim)
+        shape = (batch_size, self.n_kv_head, max_len, self.head_dim)
         self.k_cache = torch.zeros(shape, device=device, dtype=dtype)
         self.v_cache = torch.zeros(shape, device=device, dtype=dtype)
 
     def attend_cache(self, q, k, v, step):
-        """Write the new keys and values into their lanes' cache rows, then attend over them."""
-        k_cache, v_cache = self.k_cache, self.v_cache
-        if step.rows is not None:  # a copy of those rows, put back below
-            k_cache, v_cache = k_cache[step.rows], v_cache[step.rows]
-        index = step.write_pos[:, None, :, None].expand(*k.shape)
-        k_cache.scatter_(2, index, k.to(k_cache.dtype))
-        v_cache.scatter_(2, index, v.to(v_cache.dtype))
-        if step.rows is not None:
-            self.k_cache[step.rows], self.v_cache[step.rows] = k_cache, v_cache
-        context = step.attn_mask.size(-1)
-        k, v = self.share_kv(k_cache[:, :, :context]), self.share_kv(v_cache[:, :, :context])
+        """Write the new keys and values (N, nkv, hd) into their lanes' cache rows, then attend
+        over them from the queries (N, nh, hd) -> (N, nh * hd)."""
+        self.k_cache[step.cache_row, :, step.cache_pos] = k.to(self.k_cache.dtype)
+        self.v_cache[step.cache_row, :, step.cache_pos] = v.to(self.v_cache.dtype)
+        B, _, S, context = step.attn_mask.shape
+        rows = slice(None) if step.rows is None else step.rows
+        k, v = self.share_kv(self.k_cache[rows, :, :context]), self.share_kv(self.v_cache[rows, :, :context])
+        grid = q.new_zeros(B * S, self.n_head, self.head_dim) if len(q) < B * S else q
+        if grid is not q:  # padding queries see what their lane's last real one sees; dropped below
+            grid[step.slot] = q
+        grid = grid.view(B, S, self.n_head, self.head_dim).transpose(1, 2).to(k.dtype)
         # under autocast the projections come out in bfloat16: attend in the cache's dtype
-        return F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=step.attn_mask)
+        y = F.scaled_dot_product_attention(grid, k, v, attn_mask=step.attn_mask)  # (B, nh, S, hd)
+        y = y.transpose(1, 2).reshape(B * S, self.n_head * self.head_dim)
+        return y if len(q) == B * S else y[step.slot]
 
 
 class MLP(nn.Module):
@@ -541,36 +549,42 @@ class GPT(nn.Module):
         return self.decode(idx, lengths)
 
     @torch.no_grad()
-    def decode(self, idx, n_new=None, rows=None):
-        """Append tokens to lanes -> the next-token logits after each lane's last new one (B, vocab).
+    def decode(self, idx, n_new=None, rows=None, every=False):
+        """Append tokens to lanes -> the next-token logits after each lane's last new one (B, vocab),
+        or with every=True after each new token (B, S, vocab): a draft checked in one pass.
 
         idx (B, S): lane b's first n_new[b] tokens are real (all S when None), the rest padding;
         a lane given none adds nothing. rows: the cache rows of these B lanes (None: every row),
-        so splicing a tool's answer into a few lanes computes those lanes only.
+        so splicing a tool's answer into a few lanes computes those lanes only. Lowering
+        cache_lengths afterwards takes tokens back out: the next ones overwrite them.
         """
         B, S = idx.shape
-        steps = torch.arange(S, device=idx.device)
-        n_new = torch.full((B,), S, device=idx.device) if n_new is None else n_new
+        device = idx.device
+        steps = torch.arange(S, device=device)
+        n_new = torch.full((B,), S, device=device) if n_new is None else n_new
         lengths = self.cache_lengths if rows is None else self.cache_lengths[rows]
         context = int((lengths + n_new).max())
         if context > self.cache_max_len:
             raise ValueError(f"a lane would pass the cache's {self.cache_max_len} tokens")
-        # absolute positions; a padding token's is clamped: it only ever lands in the dump slot
-        pos = (lengths[:, None] + steps).clamp(max=self.cache_max_len - 1)             # (B, S)
-        real = steps[None, :] < n_new[:, None]
-        keys = torch.arange(context, device=idx.device)
-        step = DecodeStep(write_pos=torch.where(real, pos, self.cache_max_len), rows=rows,
-                          attn_mask=(keys[None, None, :] <= pos[:, :, None])[:, None])
-        cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]             # (B, 1, S, hd/2)
-        x = self.embed(idx)
+        grid_pos = lengths[:, None] + steps                                           # (B, S)
+        slot = (steps[None, :] < n_new[:, None]).flatten().nonzero().squeeze(1)      # (N,) real tokens
+        lane, pos = slot // S, grid_pos.flatten()[slot]
+        keys = torch.arange(context, device=device)
+        step = DecodeStep(slot=slot, cache_row=lane if rows is None else rows[lane], cache_pos=pos, rows=rows,
+                          attn_mask=(keys[None, None, :] <= grid_pos[:, :, None])[:, None])
+        cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]            # (N, 1, hd/2)
+        x = self.embed(idx.flatten()[slot])                                            # (N, C)
         for block in self.blocks:
             x = block(x, cos, sin, step=step)
         if rows is None:
             self.cache_lengths += n_new
         else:
             self.cache_lengths[rows] += n_new
-        last = x[torch.arange(B, device=idx.device), (n_new - 1).clamp(min=0)]        # (B, C)
-        return self.lm_head(self.norm(last))
+        if every:
+            logits = self.lm_head(self.norm(x))
+            return logits.new_zeros(B * S, logits.size(-1)).index_copy_(0, slot, logits).view(B, S, -1)
+        last = (n_new.cumsum(0) - 1).clamp(min=0)      # each lane's last real token (N >= 1)
+        return self.lm_head(self.norm(x[last]))
 
     # ------------------------------------------------------------------------------------------
     # Training helpers

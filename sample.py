@@ -103,7 +103,8 @@ def main(argv):
         else:
             model, ckpt, data_dir = agent.load_trained(cfg.out_dir, device, cfg.data_dir)
             db_path = cfg.db or os.path.join(data_dir, 'people.db')
-            bot = agent.make_agent(model, ckpt['tokenizer'], db_path, ckpt['config']['dataset'], dtype)
+            bot = agent.make_agent(model, ckpt['tokenizer'], db_path, ckpt['config']['dataset'], dtype,
+                                   data_dir)
         if cfg.questions_file:
             with open(cfg.questions_file) as f:
                 asked += [line.strip() for line in f if line.strip()]

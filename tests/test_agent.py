@@ -56,6 +56,8 @@ class ScriptedModel:
 
     def generated(self, lane):
         fed = self.fed[lane]
+        if ASSISTANT not in fed:  # still in the prompt
+            return 0
         count, in_tool_answer = 0, False
         for t in fed[fed.index(ASSISTANT) + 1:]:
             if in_tool_answer:
@@ -68,18 +70,20 @@ class ScriptedModel:
     def prefill(self, idx, lengths):
         return self.decode(idx, lengths)
 
-    def decode(self, idx, n_new, rows=None):
+    def decode(self, idx, n_new, rows=None, every=False):
         rows = torch.arange(len(self.row_lane)) if rows is None else rows
-        logits = torch.zeros(len(idx), 260)
+        logits = torch.zeros(len(idx), idx.size(1), 260)
         for i, (row, lane) in enumerate(zip(rows.tolist(), self.row_lane[rows].tolist())):
-            if n_new[i] == 0:
-                continue
+            del self.fed[lane][self.cache_lengths[row]:]  # drafted tokens the agent took back
             assert len(self.fed[lane]) == self.cache_lengths[row]  # the agent's count of cached tokens
-            self.fed[lane] += idx[i, :n_new[i]].tolist()
-            self.cache_lengths[row] += n_new[i]
             script = self.scripts[lane]
-            logits[i, script[min(self.generated(lane), len(script) - 1)]] = 1.0
-        return logits
+            for t in idx[i, :n_new[i]].tolist():
+                self.fed[lane].append(t)
+                logits[i, len(self.fed[lane]) - 1 - self.cache_lengths[row], script[min(self.generated(lane), len(script) - 1)]] = 1.0
+            self.cache_lengths[row] += n_new[i]
+        if every:
+            return logits
+        return logits[torch.arange(len(idx)), (n_new - 1).clamp(min=0)]
 
 
 def run_scripted(data_dir, questions, scripts, **kw):
@@ -171,13 +175,20 @@ def test_sampling_is_seeded(data_dir, tmp_path):
     assert nucleus == greedy  # a nucleus of one token: always the most likely
 
 
-def test_a_trained_model_answers_by_querying_the_database(data_dir, tmp_path):
+@pytest.fixture(scope='module')
+def trained(data_dir, tmp_path_factory):
+    """A small in-tool model, trained far enough to answer some questions right and some wrong."""
+    out_dir = tmp_path_factory.mktemp('trained')
     cfg = configurator.parse(train.DEFAULTS, [
-        f'--data_dir={data_dir}', f'--out_dir={tmp_path}', '--batch_size=32', '--max_iters=400',
+        f'--data_dir={data_dir}', f'--out_dir={out_dir}', '--batch_size=32', '--max_iters=400',
         '--learning_rate=3e-3', '--min_lr=3e-4', '--warmup_iters=20', '--eval_interval=1000', '--eval_iters=1',
         '--log_interval=100', '--device=cpu', '--threads=2'])
     train.train(cfg)
-    r = subprocess.run([sys.executable, 'agent.py', f'--out_dir={tmp_path}', '--split=train', '--n=40',
+    return out_dir
+
+
+def test_a_trained_model_answers_by_querying_the_database(trained):
+    r = subprocess.run([sys.executable, 'agent.py', f'--out_dir={trained}', '--split=train', '--n=40',
                         '--show=1'], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     metrics = json.loads(r.stdout.strip().splitlines()[-1])
@@ -219,3 +230,42 @@ def test_accuracy_interval_is_wilsons():
     low, high = agent.wilson_interval(8, 10)
     assert (round(low, 4), round(high, 4)) == (0.4902, 0.9433)  # the textbook value for 8 of 10
     assert agent.wilson_interval(0, 50)[0] == 0.0 and 0.05 < agent.wilson_interval(0, 50)[1] < 0.08
+
+
+def test_drafted_decoding_writes_the_same_dialogs_in_fewer_steps(trained, data_dir):
+    """Greedy decoding with drafts (Drafter) against one token a step, on every question of both
+    splits: token for token the same dialogs, right answers and wrong ones, in fewer passes."""
+    model, ckpt, _ = agent.load_trained(str(trained), 'cpu')
+    steps = []
+    decode = model.decode
+    model.decode = lambda *a, **kw: steps.append(1) or decode(*a, **kw)
+    questions = [q['question'] for split in ('train', 'ood') for q in agent.read_questions(data_dir, split, 10**6)]
+    texts = {}
+    for draft in (0, 8):
+        bot = agent.make_agent(model, ckpt['tokenizer'], os.path.join(data_dir, 'people.db'), 'qatool',
+                               data_dir=data_dir, draft=draft)
+        steps.clear()
+        texts[draft] = [lane.text for lane in bot.run(questions, max_new_tokens=100)]
+        texts[draft, 'steps'] = len(steps)
+    assert len(questions) >= 300 and texts[8] == texts[0]
+    assert texts[8, 'steps'] < 0.8 * texts[0, 'steps']  # 0.68 measured; 0.29 on out/quick
+    right = [agent.is_correct(FMT.final_answer(t), q['answer']) for t, q in
+             zip(texts[0], [q for split in ('train', 'ood') for q in agent.read_questions(data_dir, split, 10**6)])]
+    assert 0 < sum(right) < len(right)  # some of each: the drafts were wrong often enough to matter
+
+
+def test_a_draft_is_the_tokens_after_the_latest_earlier_occurrence():
+    drafter = agent.Drafter(examples=[TOK.encode("name = 'Ada';<|database|>")], n=3, k=4, stop_ids=[DATABASE])
+
+    def drafts(lanes, room):
+        ids = [TOK.encode(t) for t in lanes]
+        tokens = torch.zeros(len(ids), 40, dtype=torch.long)
+        for b, t in enumerate(ids):
+            tokens[b, :len(t)] = torch.tensor(t)
+        draft, count = drafter(tokens, torch.tensor([len(t) for t in ids]), torch.tensor(room))
+        return [TOK.decode(d[:c].tolist()) for d, c in zip(draft, count)]
+
+    # the lane's own text first, its latest occurrence; then the examples; the room; none found
+    assert drafts(["Smith? Ada Smith? name = 'Ada Smith", "xyz 'Ada Jones; 'Ad", "WHERE name = '", "abcabc",
+                   "WHERE name = 'Bo"], [8, 8, 8, 2, 8]) == ['? na', 'a Jo', "Ada'", 'ab', '']
+    assert drafts(["name = 'Ada"], [8]) == ["';"]  # up to the stop token, which the model writes

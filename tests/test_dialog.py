@@ -78,17 +78,17 @@ class TeacherModel:
     def prefill(self, idx, lengths):
         return self.decode(idx, lengths)
 
-    def decode(self, idx, n_new, rows=None):
+    def decode(self, idx, n_new, rows=None, every=False):
         rows = torch.arange(len(self.row_lane)) if rows is None else rows
-        logits = torch.zeros(len(idx), self.vocab_size)
+        logits = torch.zeros(len(idx), idx.size(1), self.vocab_size)
         for i, (row, lane) in enumerate(zip(rows.tolist(), self.row_lane[rows].tolist())):
-            if n_new[i] == 0:
-                continue
-            self.fed[lane] += idx[i, :n_new[i]].tolist()
-            self.cache_lengths[row] += n_new[i]
+            del self.fed[lane][self.cache_lengths[row]:]  # drafted tokens the agent took back
             target = self.dialogs[lane]
-            logits[i, target[min(len(self.fed[lane]), len(target) - 1)]] = 1.0
-        return logits
+            for s, t in enumerate(idx[i, :n_new[i]].tolist()):
+                self.fed[lane].append(t)
+                logits[i, s, target[min(len(self.fed[lane]), len(target) - 1)]] = 1.0
+            self.cache_lengths[row] += n_new[i]
+        return logits if every else logits[torch.arange(len(idx)), (n_new - 1).clamp(min=0)]
 
 
 CASES = ['itl', 'chatml', 'llama3'] + (['chatml-smollm2'] if HAS_SMOLLM2 else [])
