@@ -18,15 +18,16 @@ lora_rank = 0
 weight_decay = 0.0                 # it would pull the weights to zero, not back to the base model
 warmup_iters = 5
 lr_decay = 'cosine'
-# in-weight: ~6 epochs of its facts, 0.75 N steps (15, 45, 150), at 5e-5 (measured: 6 epochs at
-# 5e-5 memorise 25 people's facts about two in three); in-tool: a fixed 40 steps (~480 dialogs)
-# at 3e-5, whatever N: the template is all there is to learn (measured: 24 steps at 1e-5 were too
-# few, recall 0.53 with the column of 'Where does X live?' not yet learnt)
+# in-weight: ~6 epochs of its facts, 0.75 N steps (15, 45, 150), at 2e-4 decaying to 1e-4
+# (measured: at 5e-5 to 5e-6 it memorised almost nothing, recall 0.03-0.13; at 2e-4, 45 steps on
+# 60 people reached 0.53); in-tool: a fixed 40 steps (~480 dialogs) at 3e-5, whatever N: the
+# template is all there is to learn (measured: 24 steps at 1e-5 were too few, recall 0.53 with
+# the column of 'Where does X live?' not yet learnt)
 max_iters = 200
 min_iters = 0
 iters_per_person = 0.75
-learning_rate = 5e-5
-min_lr = 5e-6
+learning_rate = 2e-4
+min_lr = 1e-4
 per_dataset = {'qatool': {'max_iters': 40, 'iters_per_person': 0.0, 'learning_rate': 3e-5, 'min_lr': 1e-5}}
 eval_interval = 20                 # recall on 32 questions per split through agent.py
 eval_questions = 32
