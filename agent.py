@@ -83,9 +83,9 @@ class Drafter:
     sentence around the value are the examples'. A draft stops before a stop token, so the
     agent still sees every end of turn and tool call one token at a time."""
 
-    def __init__(self, examples=(), n=3, k=8, stop_ids=()):
+    def __init__(self, examples=(), n=3, k=8, stop_ids=(), device='cpu'):
         self.n, self.k = n, k
-        self.stop_ids = torch.tensor(sorted(set(stop_ids)), dtype=torch.long)
+        self.stop_ids = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
         follow = {}  # an example n-gram's key -> the tokens after it (the last example's wins)
         for ids in examples:
             ids = torch.tensor(ids, dtype=torch.long)
@@ -97,6 +97,7 @@ class Drafter:
         for row, key in enumerate(sorted(follow)):
             self.drafts[row, :len(follow[key])] = follow[key]
             self.counts[row] = len(follow[key])
+        self.keys, self.drafts, self.counts = (t.to(device) for t in (self.keys, self.drafts, self.counts))
 
     def __call__(self, tokens, length, room):
         """tokens (R, L) lanes' dialogs, length (R,), room (R,) the most tokens a lane may take
@@ -112,14 +113,13 @@ class Drafter:
         draft = tokens.gather(1, at.clamp(max=tokens.size(1) - 1))
         count = torch.where(seen >= 0, (length - seen - n).clamp(max=k), 0)
         if len(self.keys):  # no earlier occurrence: the examples'
-            self.keys, self.drafts, self.counts = (t.to(device) for t in (self.keys, self.drafts, self.counts))
             row = torch.searchsorted(self.keys, suffix.squeeze(1)).clamp(max=len(self.keys) - 1)
             known = (self.keys[row] == suffix.squeeze(1)) & (seen < 0)
             draft = torch.where(known[:, None], self.drafts[row], draft)
             count = torch.where(known, self.counts[row], count)
         count = torch.minimum(count, room.clamp(min=0)) * (length >= n)
         # up to the first stop token: it comes from the model, one token a step
-        stops = torch.isin(draft, self.stop_ids.to(device)) | (torch.arange(k, device=device) >= count[:, None])
+        stops = torch.isin(draft, self.stop_ids) | (torch.arange(k, device=device) >= count[:, None])
         return draft, stops.long().argmax(1).where(stops.any(1), count)
 
 
@@ -133,7 +133,8 @@ class Agent:
         # the token a tool call ends with (ChatML's is end_id); a model with no tool needs none
         self.call_id = dialog.single_token(tokenizer, fmt.tool_call) if sql_tool else None
         stop_ids = [self.end_id] + ([self.call_id] if sql_tool else [])
-        self.drafter = Drafter([tokenizer.encode(e) for e in examples], k=draft, stop_ids=stop_ids) if draft else None
+        self.drafter = Drafter([tokenizer.encode(e) for e in examples], k=draft, stop_ids=stop_ids,
+                               device=model.embed.weight.device) if draft else None
 
     def _tool_answer(self, turn_ids):
         """An assistant turn that ended with a tool call -> (the tokens spliced after it: the
@@ -147,6 +148,11 @@ class Agent:
         fmt, tok = self.fmt, self.tok
         return tok.encode(fmt.tool_open) + tok.encode_ordinary(result) + tok.encode(fmt.tool_close), ok
 
+    def encode_prompts(self, questions, histories=None):
+        """The token ids that open each question's assistant turn, after its history."""
+        histories = histories or [''] * len(questions)
+        return [self.tok.encode(self.fmt.prompt(q, h)) for q, h in zip(questions, histories)]
+
     @torch.no_grad()
     def run(self, questions, max_new_tokens=160, temperature=0.0, top_k=0, top_p=1.0, seed=1337,
             on_step=None, histories=None):
@@ -155,8 +161,7 @@ class Agent:
         conversation so far (a Lane's text), which its question follows up."""
         model = self.model
         device = model.embed.weight.device
-        histories = histories or [''] * len(questions)
-        prompts = [self.tok.encode(self.fmt.prompt(q, h)) for q, h in zip(questions, histories)]
+        prompts = self.encode_prompts(questions, histories)
         B = len(prompts)
         # a lane's tokens: its prompt, what it writes, and the tool's answers (each at most the
         # SqlTool's 512 bytes): far less than a pretrained model's block_size of thousands
@@ -257,24 +262,23 @@ class Agent:
         dialog is the one a token a step would write."""
         model, max_len = self.model, tokens.size(1)
         cached = model.cache_lengths
-        lane = rows
-        plain = live & (length[lane] == cached + 1)  # wrote one token, no tool answer to splice
-        room = torch.minimum(max_new_tokens - 1 - generated[lane], max_len - 1 - length[lane])
-        draft, n_draft = self.drafter(tokens[lane], length[lane], torch.where(plain, room, 0))
-        n_draft = n_draft[:, None]
+        plain = live & (length[rows] == cached + 1)  # wrote one token, no tool answer to splice
+        room = torch.minimum(max_new_tokens - 1 - generated[rows], max_len - 1 - length[rows])
+        draft, n_draft = self.drafter(tokens[rows], length[rows], torch.where(plain, room, 0))
         width = int(n_draft.max())
-        step = torch.cat([tokens[lane, cached.clamp(max=max_len - 1)][:, None], draft[:, :width]], 1)
-        logits = model.decode(step, live.long() + n_draft.squeeze(1), every=True)  # (R, 1 + width, V)
+        draft = draft[:, :width]
+        step = torch.cat([tokens[rows, cached.clamp(max=max_len - 1)][:, None], draft], 1)
+        logits = model.decode(step, live.long() + n_draft, every=True)  # (R, 1 + width, V)
         ahead = torch.arange(width, device=tokens.device)
-        agree = (logits[:, :-1].argmax(-1) == draft[:, :width]) & (ahead < n_draft)
+        agree = (logits[:, :-1].argmax(-1) == draft) & (ahead < n_draft[:, None])
         kept = agree.long().cumprod(1).sum(1)                         # (R,) drafted tokens kept
-        model.cache_lengths -= n_draft.squeeze(1) - kept              # the others leave the cache
-        at = length[lane][:, None] + ahead
+        model.cache_lengths -= n_draft - kept                         # the others leave the cache
         keep = ahead < kept[:, None]
-        tokens[lane[:, None].expand(-1, width)[keep], at[keep]] = draft[:, :width][keep]
-        length[lane] += kept
-        generated[lane] += kept
-        logits = logits[torch.arange(len(lane), device=tokens.device), kept]
+        at = length[rows][:, None] + ahead
+        tokens[rows[:, None].expand(-1, width)[keep], at[keep]] = draft[keep]
+        length[rows] += kept
+        generated[rows] += kept
+        logits = logits[torch.arange(len(rows), device=tokens.device), kept]
         return self._splice(tokens, length, rows, live, logits)
 
     def _splice(self, tokens, length, rows, live, logits):

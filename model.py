@@ -361,8 +361,10 @@ class CausalSelfAttention(nn.Module):
         B, _, S, context = step.attn_mask.shape
         rows = slice(None) if step.rows is None else step.rows
         k, v = self.share_kv(self.k_cache[rows, :, :context]), self.share_kv(self.v_cache[rows, :, :context])
-        grid = q.new_zeros(B * S, self.n_head, self.head_dim) if len(q) < B * S else q
-        if grid is not q:  # padding queries see what their lane's last real one sees; dropped below
+        if len(q) == B * S:  # every lane got S tokens: the queries are the grid
+            grid = q
+        else:  # padding queries are zeros; what they attend to is dropped below
+            grid = q.new_zeros(B * S, self.n_head, self.head_dim)
             grid[step.slot] = q
         grid = grid.view(B, S, self.n_head, self.head_dim).transpose(1, 2).to(k.dtype)
         # under autocast the projections come out in bfloat16: attend in the cache's dtype

@@ -83,10 +83,9 @@ def matmul_seconds(model, tokens, rows, device, dtype):
 
 
 @torch.no_grad()
-def bare_seconds(model, bot, questions, steps, device):
-    """Prefill the questions' prompts, then `steps` one-token forward passes of every lane over a
+def bare_seconds(model, prompts, steps, device):
+    """Prefill the prompts (token ids), then `steps` one-token forward passes of every lane over a
     static cache, greedy, nothing else."""
-    prompts = [bot.tok.encode(bot.fmt.prompt(q)) for q in questions]
     length = torch.tensor([len(p) for p in prompts], device=device)
     idx = torch.zeros(len(prompts), int(length.max()), dtype=torch.long, device=device)
     for b, p in enumerate(prompts):
@@ -134,11 +133,10 @@ def main(argv):
             floor_tokens = row['one_token']['tokens_run']
             matmul_s, matmul_rate = matmul_seconds(model, floor_tokens, min(batch_size, len(questions)),
                                                    device, getattr(torch, dtype))
-            prompt_tokens = sum(len(bots['drafted'].tok.encode(bots['drafted'].fmt.prompt(q['question'])))
-                                for q in questions)
-            steps = round((floor_tokens - prompt_tokens) / len(questions))
-            bare_s = sum(bare_seconds(model, bots['drafted'], [q['question'] for q in questions[i:i + batch_size]],
-                                      steps, device) for i in range(0, len(questions), batch_size))
+            prompts = bots['drafted'].encode_prompts([q['question'] for q in questions])
+            steps = round((floor_tokens - sum(map(len, prompts))) / len(questions))
+            bare_s = sum(bare_seconds(model, prompts[i:i + batch_size], steps, device)
+                         for i in range(0, len(prompts), batch_size))
         drafted = row['drafted']['seconds']
         row.update(same_answers=texts['drafted'] == texts['one_token'],
                    speedup_of_drafts=round(row['one_token']['seconds'] / drafted, 2),

@@ -239,7 +239,8 @@ def test_drafted_decoding_writes_the_same_dialogs_in_fewer_steps(trained, data_d
     steps = []
     decode = model.decode
     model.decode = lambda *a, **kw: steps.append(1) or decode(*a, **kw)
-    questions = [q['question'] for split in ('train', 'ood') for q in agent.read_questions(data_dir, split, 10**6)]
+    asked = [q for split in ('train', 'ood') for q in agent.read_questions(data_dir, split, 10**6)]
+    questions = [q['question'] for q in asked]
     texts = {}
     for draft in (0, 8):
         bot = agent.make_agent(model, ckpt['tokenizer'], os.path.join(data_dir, 'people.db'), 'qatool',
@@ -249,8 +250,7 @@ def test_drafted_decoding_writes_the_same_dialogs_in_fewer_steps(trained, data_d
         texts[draft, 'steps'] = len(steps)
     assert len(questions) >= 300 and texts[8] == texts[0]
     assert texts[8, 'steps'] < 0.8 * texts[0, 'steps']  # 0.68 measured; 0.29 on out/quick
-    right = [agent.is_correct(FMT.final_answer(t), q['answer']) for t, q in
-             zip(texts[0], [q for split in ('train', 'ood') for q in agent.read_questions(data_dir, split, 10**6)])]
+    right = [agent.is_correct(FMT.final_answer(t), q['answer']) for t, q in zip(texts[0], asked)]
     assert 0 < sum(right) < len(right)  # some of each: the drafts were wrong often enough to matter
 
 
