@@ -5,8 +5,9 @@ Config for every script: defaults, then optional python config files, then --key
 
 nanoGPT's configurator with its sharp edges filed off: an unknown name (in a file or a flag) is an
 error that suggests the closest valid one; a flag splits on its first '='; a bare --flag is True
-for a bool and '--key value' is refused; an int is accepted for a float; values are type-checked
-against the defaults, then vetted by `checks` (allowed values, or a function returning an error).
+for a bool (or an option whose default is 'auto', which also takes True or False) and '--key value'
+is refused; an int is accepted for a float; values are type-checked against the defaults, then
+vetted by `checks` (allowed values, or a function returning an error).
 --help prints the script's docstring and every option with its default and its meaning, which is
 the comment beside it in DEFAULTS (option_help): each option is explained in one place only.
 """
@@ -37,14 +38,14 @@ def _coerce(key, value, default):
     """Return value converted to the default's type, or raise ConfigError."""
     if default is None or value is None:
         return value
-    if isinstance(default, bool):  # before int: bool is a subclass of int
-        if isinstance(value, bool):
+    if isinstance(default, bool) or isinstance(value, bool):  # before int: bool is a subclass of int
+        if isinstance(value, bool) and (isinstance(default, bool) or default == 'auto'):
             return value
-    elif isinstance(default, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+    elif isinstance(default, float) and isinstance(value, (int, float)):
         return float(value)
     elif isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
         return type(default)(value)
-    elif isinstance(value, type(default)) and not isinstance(value, bool):
+    elif isinstance(value, type(default)):
         return value
     raise ConfigError(f"config key '{key}' expects {type(default).__name__} "
                       f"(default {default!r}), got {type(value).__name__} {value!r}")
@@ -56,7 +57,9 @@ def _parse_flag_value(text, default):
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
         return text
-    # '--name=1e3' for a str option stays a string
+    # '--name=1e3' for a str option stays a string; True / False for an 'auto' option is a bool
+    if default == 'auto' and isinstance(value, bool):
+        return value
     return text if isinstance(default, str) and not isinstance(value, str) else value
 
 
@@ -96,8 +99,8 @@ def parse(defaults, argv, checks=None):
         if sep:
             config[key] = _coerce(key, _parse_flag_value(text, defaults[key]), defaults[key])
             continue
-        # a bare --key: True for a bool; '--key value' is refused (unless value is a config file)
-        is_bool = isinstance(defaults[key], bool)
+        # a bare --key: True for a bool or an 'auto' option; '--key value' is refused (unless value is a config file)
+        is_bool = isinstance(defaults[key], bool) or defaults[key] == 'auto'
         after = argv[i + 1] if i + 1 < len(argv) else '--'
         then_a_config_file = is_bool and after.endswith('.py') and os.path.isfile(after)
         if not after.startswith('--') and not then_a_config_file:

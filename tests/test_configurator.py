@@ -21,6 +21,22 @@ def test_flags_override_defaults_with_types():
     assert cfg.out_dir == 'a=b'  # split on the first '='
 
 
+def test_an_auto_option_takes_true_false_or_text_and_nothing_else_a_bool(tmp_path):
+    defaults = dict(DEFAULTS, compile='auto', dtype='float32')
+    checks = {'compile': ('auto', True, False)}
+    assert parse(defaults, [], checks).compile == 'auto'
+    assert parse(defaults, ['--compile=False'], checks).compile is False
+    assert parse(defaults, ['--compile'], checks).compile is True  # bare: True
+    (tmp_path / 'c.py').write_text('compile = True\n')
+    assert parse(defaults, [str(tmp_path / 'c.py')], checks).compile is True
+    with pytest.raises(ConfigError, match="--compile='yes' is not valid: choose one of 'auto', True, False"):
+        parse(defaults, ['--compile=yes'], checks)
+    assert parse(defaults, ['--dtype=True']).dtype == 'True'  # another text option keeps the text
+    (tmp_path / 'd.py').write_text('dtype = True\n')
+    with pytest.raises(ConfigError, match="'dtype' expects str"):
+        parse(defaults, [str(tmp_path / 'd.py')])
+
+
 def test_config_file_then_flags(tmp_path):
     path = tmp_path / 'c.py'
     path.write_text('import math\nmax_iters = 10 * 3\nlearning_rate = math.sqrt(4e-6)\n')
