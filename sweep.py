@@ -71,6 +71,7 @@ SWEEP = dict(
     hellaswag='',              # HellaSwag's JSONL: acc_norm of base and tuned; '' skips it
     hellaswag_n=500,           # its first this many examples
     # running
+    compile=False,             # runs are short (median 91 s in config/sweep_cpu.py): compiling each costs ~30 s
     workers=0,                 # processes; 0: one per GPU if CUDA, else one per CPU core
     only='',                   # run just this RUN_ID in this process (for cluster arrays)
     emit_jobs='',              # write the pending runs' command lines to this file, run nothing

@@ -167,7 +167,7 @@ def main(argv):
                 f'--learning_rate={cfg.learning_rate}', f'--lora_rank={rank}', '--weight_decay=0.0',
                 '--warmup_iters=0', '--lr_decay=linear', f'--max_iters={10**6}'])
             model, optimizer, _ = train.build(tcfg, meta, 'cpu', copy.deepcopy(base))
-            forward = train.training_forward(model, tcfg, 'cpu')
+            forward = train.training_forward(model, tcfg, 'cpu', from_scratch=False)
             stream = batches()
             line = time_method(name, lambda i: train.optimizer_step(
                 i, model, optimizer, forward, stream, tcfg, 'cpu', 'float32', 0, 1)['loss'],

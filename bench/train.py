@@ -1,9 +1,11 @@
 """
-Training throughput: our step (packed whole dialogs, padding skipped, fused AdamW) side by side
-with the paper's way (eager PyTorch in float32 whatever --dtype says, one padded dialog per row,
-masked cross-entropy, AdamW), a fixed yardstick; `speedup` is dialogs/s over the yardstick's.
+Training throughput: train.py's step (packed whole dialogs, padding skipped, fused AdamW; its
+dtype and compile as train.py would choose them) side by side with the paper's way (eager PyTorch
+in float32 whatever --dtype says, one padded dialog per row, masked cross-entropy, AdamW), a fixed
+yardstick; `speedup` is dialogs/s over the yardstick's.
 
-    python bench/train.py config/memory.py --max_iters=25 --device=cpu
+    python bench/train.py config/memory.py --max_iters=25 --device=cpu     # the default path
+    python bench/train.py config/memory.py --dtype=float32 --compile=False  # plain eager float32
     python bench/train.py config/memory.py --dataset=qa --dtype=bfloat16
     python bench/train.py config/memory.py --n_layer=12 --n_head=12 --n_embd=768 \
         --block_size=1024 --batch_size=8 --synthetic_vocab=50304          # GPT-2 small, GPU
@@ -122,7 +124,7 @@ def main(argv):
     for name, result in results.items():
         if peak:
             result['mfu'] = round(model.estimate_mfu(result['tokens_per_s'], cfg.block_size, peak), 4)
-        setup = ({'dtype': dtype, 'kernels': cfg.kernels, 'compile': cfg.compile} if name == 'packed'
+        setup = ({'dtype': dtype, 'kernels': cfg.kernels, 'compile': train.compiles(cfg, device, True)} if name == 'packed'
                  else {'dtype': 'float32', 'kernels': 'torch', 'compile': False})
         print(json.dumps({'method': name, 'device': device, **setup, 'threads': torch.get_num_threads(),
                           'dataset': f'synthetic:{cfg.synthetic_vocab}' if cfg.synthetic_vocab else cfg.dataset,

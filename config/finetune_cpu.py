@@ -6,6 +6,7 @@
 # In-weight instead: --dataset=qa --max_iters=60 --learning_rate=5e-5 --min_lr=5e-6
 # --stop_metric=recall --out_dir=out/finetune_cpu_qa
 init_from = 'smollm2-135m'
+dtype = 'float32'          # as measured ('auto': bfloat16 on CPUs with it)
 out_dir = 'out/finetune_cpu'
 data_dir = 'data/smollm2_80'
 dataset = 'qatool'

@@ -8,7 +8,7 @@
 # CPU-sized (2 cores: ~3.3 s a step of 8 x 128 in float32, ~230 tokens/s; full fine-tuning ~4.4 s):
 #   python prepare_data.py --tokenizer=smollm2-135m --out_dir=data/smollm2_small --n_people=200 --n_ood=100
 #   python train.py config/finetune_smollm2.py --data_dir=data/smollm2_small --out_dir=out/smollm2_cpu \
-#       --batch_size=8 --block_size=128 --max_iters=60 --warmup_iters=10 --eval_interval=30 --eval_questions=20 --stop_metric=
+#       --batch_size=8 --block_size=128 --max_iters=60 --warmup_iters=10 --eval_interval=30 --eval_questions=20 --stop_metric= --dtype=float32
 #   (measured: recall 0.95 on trained and on never-seen people after 30 steps, 1.0 after 60, on 20
 #   questions each; ~5 min on an idle 2-core machine)
 # Full fine-tuning instead: --lora_rank=0 --learning_rate=1e-4 (every weight moves: a smaller step);

@@ -21,6 +21,7 @@ exclude = ([{'dataset': 'qatool', 'n_embd': w} for w in (4, 8, 12, 16, 24, 48)]
            + [{'dataset': 'qa', 'n_people': 32, 'n_embd': 4}]
            + [{'dataset': 'qa', 'n_people': 8, 'n_embd': w} for w in (32, 48, 64)]
            + [{'dataset': 'qa', 'n_people': 2, 'n_embd': w} for w in (24, 32, 48, 64)])  # 35 runs
+dtype = 'float32'           # the committed figures are float32's ('auto' is bfloat16 on CPUs with it)
 n_ood = 200                # never-trained people: 800 OOD questions
 batch_size = 64            # 64 rows x 257 tokens: ~220 qa or 64 qatool dialogs a step
 block_size = 256           # qatool dialogs are up to 194 tokens

@@ -10,6 +10,7 @@ dataset = ['qa', 'qatool']         # in-weight, in-tool
 seed = [0]
 alpha = [1.0]
 n_ood = 50                         # never-seen people: 200 questions, 32 of them asked
+dtype = 'float32'                  # its figures are float32's ('auto': bfloat16 on CPUs with it)
 # full fine-tuning in float32; rows of 256 tokens hold ~8 qa dialogs (~31 tokens) or ~3 qatool
 # dialogs (~67); 4 rows a step: ~1,000 tokens
 batch_size = 4

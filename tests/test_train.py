@@ -11,7 +11,7 @@ import torch
 import configurator
 import train
 from configurator import ConfigError
-from model import CheckpointError, load_checkpoint
+from model import CheckpointError, cpu_has_bf16, load_checkpoint
 from conftest import prepare_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,8 +84,10 @@ def test_resume_refuses_another_model_shape(data_dir, tmp_path):
 @pytest.mark.parametrize('n_proc, flags', [(2, []), (4, ['--gradient_accumulation_steps=2'])])
 def test_torchrun_on_a_shipped_config_makes_the_updates_of_one_process(data_dir, tmp_path, n_proc, flags):
     """config/quick.py as shipped (64 rows a step), made tiny by flags that do not touch the
-    batch: each process takes its share of every micro-batch, weighted by its loss tokens."""
-    flags = ['config/quick.py', f'--data_dir={data_dir}', '--n_embd=32', '--max_iters=3', '--warmup_iters=1',
+    batch: each process takes its share of every micro-batch, weighted by its loss tokens. Both
+    in float32, eager (as conftest.py sets for this process): the sums are then comparable."""
+    flags = ['config/quick.py', f'--data_dir={data_dir}', '--dtype=float32', '--compile=False',
+             '--n_embd=32', '--max_iters=3', '--warmup_iters=1',
              '--eval_interval=1000', '--eval_iters=1', '--eval_questions=0', '--stop_metric=',
              '--log_interval=1', '--device=cpu', '--threads=1', *flags]
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
@@ -203,6 +205,25 @@ def test_compiled_training_on_full_batches_compiles_once(data_dir, tmp_path):
         shapes.add((int((doc_ids >= 0).sum()), int(mask.sum())))
         graphs.append(counters['stats']['unique_graphs'])
     assert len(shapes) > 1 and graphs[1:] == graphs[:1] * 5
+
+
+def test_the_default_path_as_users_run_it_resumes_bitwise(data_dir, tmp_path):
+    """`python train.py config/memory.py` with dtype and compile left at 'auto', at a tiny size:
+    bfloat16 where the CPU has bf16 instructions, compiled where a C++ compiler is found."""
+    def run(out_dir, *flags):
+        done = subprocess.run([sys.executable, 'train.py', 'config/memory.py', f'--data_dir={data_dir}',
+                               f'--out_dir={out_dir}', '--n_embd=16', '--batch_size=8', '--warmup_iters=2',
+                               '--lr_decay_iters=6', '--eval_interval=1000', '--eval_questions=4',
+                               '--log_interval=1', *flags], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return next(json.loads(l) for l in done.stdout.splitlines() if l.startswith('{"config"'))
+    setup = run(tmp_path / 'full', '--max_iters=6')
+    assert setup['dtype'] == ('bfloat16' if cpu_has_bf16() else 'float32')
+    assert setup['compiled'] == (train.cxx_compiler() is not None)
+    run(tmp_path / 'split', '--max_iters=3')
+    run(tmp_path / 'split', '--max_iters=6', '--init_from=resume')
+    full, split = final_params(tmp_path / 'full'), final_params(tmp_path / 'split')
+    assert all(torch.equal(full[k], split[k]) for k in full)
 
 
 MMAPPED_BYTES = """
