@@ -30,8 +30,9 @@ DEFAULTS = {**train.DEFAULTS,
 
 
 def load_module(path, name):
+    """path's module, registered as `name`: torch.compile looks modules up by name."""
     spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
