@@ -34,12 +34,17 @@ def _check_key(key, defaults, where):
         raise ConfigError(f"unknown config key '{key}' ({where}); {hint}")
 
 
+def _takes_bool(default):
+    """A bool option, or an 'auto' one (compile='auto'), which also takes True or False."""
+    return isinstance(default, bool) or default == 'auto'
+
+
 def _coerce(key, value, default):
     """Return value converted to the default's type, or raise ConfigError."""
     if default is None or value is None:
         return value
     if isinstance(default, bool) or isinstance(value, bool):  # before int: bool is a subclass of int
-        if isinstance(value, bool) and (isinstance(default, bool) or default == 'auto'):
+        if isinstance(value, bool) and _takes_bool(default):
             return value
     elif isinstance(default, float) and isinstance(value, (int, float)):
         return float(value)
@@ -58,7 +63,7 @@ def _parse_flag_value(text, default):
     except (ValueError, SyntaxError):
         return text
     # '--name=1e3' for a str option stays a string; True / False for an 'auto' option is a bool
-    if default == 'auto' and isinstance(value, bool):
+    if isinstance(value, bool) and _takes_bool(default):
         return value
     return text if isinstance(default, str) and not isinstance(value, str) else value
 
@@ -99,8 +104,9 @@ def parse(defaults, argv, checks=None):
         if sep:
             config[key] = _coerce(key, _parse_flag_value(text, defaults[key]), defaults[key])
             continue
-        # a bare --key: True for a bool or an 'auto' option; '--key value' is refused (unless value is a config file)
-        is_bool = isinstance(defaults[key], bool) or defaults[key] == 'auto'
+        # a bare --key: True for a bool or an 'auto' option; '--key value' is refused (unless
+        # value is a config file)
+        is_bool = _takes_bool(defaults[key])
         after = argv[i + 1] if i + 1 < len(argv) else '--'
         then_a_config_file = is_bool and after.endswith('.py') and os.path.isfile(after)
         if not after.startswith('--') and not then_a_config_file:

@@ -53,7 +53,7 @@ def training_forward(model, cfg, device):
     loss of forward(idx, targets, loss_mask, doc_ids), as model.py had before packed_loss."""
     if hasattr(model, 'packed_loss'):
         return train.training_forward(model, cfg, device)
-    forward = train.compiled(model, device) if train.compiles(cfg, device, True) else model
+    forward = train.compiled(model, device) if train.compiles(cfg, device, from_scratch=True) else model
     return lambda *batch: forward(*batch)[1]
 
 

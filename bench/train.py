@@ -121,11 +121,11 @@ def main(argv):
     if cfg.reference:
         results['packed']['speedup'] = round(results['packed']['dialogs_per_s']
                                              / results['paper_reference']['dialogs_per_s'], 2)
+    ours_setup = {'dtype': dtype, 'kernels': cfg.kernels, 'compile': train.compiles(cfg, device, from_scratch=True)}
     for name, result in results.items():
         if peak:
             result['mfu'] = round(model.estimate_mfu(result['tokens_per_s'], cfg.block_size, peak), 4)
-        setup = ({'dtype': dtype, 'kernels': cfg.kernels, 'compile': train.compiles(cfg, device, True)} if name == 'packed'
-                 else {'dtype': 'float32', 'kernels': 'torch', 'compile': False})
+        setup = ours_setup if name == 'packed' else {'dtype': 'float32', 'kernels': 'torch', 'compile': False}
         print(json.dumps({'method': name, 'device': device, **setup, 'threads': torch.get_num_threads(),
                           'dataset': f'synthetic:{cfg.synthetic_vocab}' if cfg.synthetic_vocab else cfg.dataset,
                           'batch_size': cfg.batch_size, 'block_size': cfg.block_size,

@@ -10,7 +10,7 @@ n_people = [50, 150, 500]          # 200 to 2,000 facts: a factor of 10 (at 20 p
 dataset = ['qa', 'qatool']         # in-weight, in-tool
 seed = [0]
 alpha = [1.0]
-n_ood = 50                         # never-seen people: 200 questions, 32 of them asked
+n_ood = 50                         # never-seen people: 200 questions, 64 of them asked
 dtype = 'float32'                  # its figures are float32's ('auto': bfloat16 on CPUs with it)
 # full fine-tuning in float32; rows of 256 tokens hold ~8 qa dialogs (~31 tokens) or ~3 qatool
 # dialogs (~67); 4 rows a step: ~1,000 tokens

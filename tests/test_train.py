@@ -166,7 +166,7 @@ def test_compile_on_cpu_without_a_compiler_says_what_to_install(monkeypatch):
         train.compiled(model, 'cpu')
 
 
-@pytest.mark.skipif(not any(train.shutil.which(c) for c in ('g++', 'clang++')), reason='no C++ compiler')
+@pytest.mark.skipif(train.cxx_compiler() is None, reason='no C++ compiler')
 def test_compiled_model_matches_eager_on_packed_batches_of_changing_shape(data_dir, tmp_path):
     cfg = config(data_dir, tmp_path, '--n_layer=1')  # compiling takes most of this test: keep it small
     meta = train.load_dataset_meta(data_dir)
@@ -188,7 +188,7 @@ def test_compiled_model_matches_eager_on_packed_batches_of_changing_shape(data_d
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.skipif(not any(train.shutil.which(c) for c in ('g++', 'clang++')), reason='no C++ compiler')
+@pytest.mark.skipif(train.cxx_compiler() is None, reason='no C++ compiler')
 def test_compiled_training_on_full_batches_compiles_once(data_dir, tmp_path):
     """Every batch has another shape; past the first, none may compile again (~10 s each)."""
     from torch._dynamo.utils import counters
