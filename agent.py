@@ -11,9 +11,11 @@ and the answer, then the assistant's next turn, is spliced into that lane in the
 the other lanes' next tokens. A lane stops at the end of its dialog or at max_new_tokens; once
 more than a quarter of the lanes are done, the finished ones leave the batch.
 """
+import collections
 import json
 import math
 import os
+import random
 import re
 import sys
 import time
@@ -32,7 +34,7 @@ DEFAULTS = dict(
     data_dir='',             # questions and people.db; '' = the checkpoint's data folder
     db='',                   # another people.db with the same schema; '' = data_dir's
     split='ood',             # 'train' (people trained on) or 'ood' (never seen)
-    n=1000,                  # questions to evaluate
+    n=1000,                  # questions to evaluate, spread over people (read_questions)
     batch_size=1024,         # lanes generated together
     max_new_tokens=160,      # per lane, tool answers not counted
     temperature=0.0,         # 0: greedy
@@ -363,16 +365,25 @@ def example_dialogs(data_dir, dataset, n=16):
 
 
 def read_questions(data_dir, split, n):
+    """n questions of a split, spread over as many people as there are: each person is asked one
+    question before anyone is asked a second. The first n lines of the file would be n / 4
+    people, all four facts each, and recall over a few people swings with one hard name. The
+    sample is the same every time (seed 0), in the file's order."""
     path = os.path.join(data_dir, f'questions_{split}.jsonl')
     if not os.path.exists(path):
         raise FileNotFoundError(f"missing {path}: run python prepare_data.py --out_dir={data_dir}")
-    questions = []
     with open(path) as f:
-        for line in f:
-            questions.append(json.loads(line))
-            if len(questions) == n:
-                break
-    return questions
+        questions = [json.loads(line) for line in f]
+    if n >= len(questions):
+        return questions
+    order = list(range(len(questions)))
+    random.Random(0).shuffle(order)
+    asked = collections.Counter()  # questions taken so far per person, in the shuffled order
+    rounds = []
+    for i in order:
+        rounds.append((asked[questions[i]['name']], len(rounds), i))
+        asked[questions[i]['name']] += 1
+    return [questions[i] for i in sorted(i for _, _, i in sorted(rounds)[:n])]
 
 
 def wilson_interval(k, n, z=1.96):

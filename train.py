@@ -272,6 +272,7 @@ def setup_device(cfg):
     if ddp:
         if device.startswith('cuda'):
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            check_enough_gpus(int(os.environ['LOCAL_RANK']), int(os.environ['LOCAL_WORLD_SIZE']))
             torch.cuda.set_device(device)
         dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
     if device == 'cpu':
@@ -279,6 +280,16 @@ def setup_device(cfg):
         torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // local))
         keep_freed_memory()
     return device, resolve_dtype(cfg.dtype, device, training=True), rank, world
+
+
+def check_enough_gpus(local_rank, local_world):
+    """torchrun --nproc_per_node=8 on a machine with fewer GPUs: one line (from the first
+    process) instead of eight 'invalid device ordinal' tracebacks."""
+    gpus = torch.cuda.device_count()
+    if local_world > gpus:
+        message = (f"error: torchrun started {local_world} processes on this machine, which has {gpus} "
+                   f"GPU(s): use --nproc_per_node={gpus}, or --device=cpu to train on the CPU")
+        raise SystemExit(message if local_rank == 0 else 1)
 
 
 def keep_freed_memory():

@@ -226,6 +226,21 @@ def test_a_copied_run_and_data_folder_still_evaluate_after_the_originals_are_gon
     assert r.returncode == 0 and 'user: ' in r.stdout, r.stderr
 
 
+def test_a_few_questions_are_spread_over_as_many_people_as_possible(data_dir):
+    """n questions of 4n: n people, one question each, every kind of question asked; the same
+    sample every time, a subset of the file in its order; n at least all: the whole file."""
+    everyone = agent.read_questions(data_dir, 'ood', 10**6)
+    people = {q['name'] for q in everyone}
+    assert len(everyone) == 4 * len(people)
+    some = agent.read_questions(data_dir, 'ood', len(people))
+    assert len({q['name'] for q in some}) == len(people)
+    assert {q['attribute'] for q in some} == {q['attribute'] for q in everyone}
+    assert some == agent.read_questions(data_dir, 'ood', len(people))
+    assert some == [q for q in everyone if q in some]
+    more = agent.read_questions(data_dir, 'ood', len(people) + 3)  # three people asked twice
+    assert len(more) - len({q['name'] for q in more}) == 3
+
+
 def test_accuracy_interval_is_wilsons():
     low, high = agent.wilson_interval(8, 10)
     assert (round(low, 4), round(high, 4)) == (0.4902, 0.9433)  # the textbook value for 8 of 10
