@@ -166,6 +166,20 @@ def test_compile_on_cpu_without_a_compiler_says_what_to_install(monkeypatch):
         train.compiled(model, 'cpu')
 
 
+def test_more_processes_than_gpus_is_one_line_from_the_first_process(monkeypatch):
+    """torchrun --nproc_per_node=8 on a one-GPU machine: process 0 names the fix, the others
+    exit quietly, before any of them touches a GPU that is not there."""
+    monkeypatch.setattr(train.torch.cuda, 'device_count', lambda: 1)
+    with pytest.raises(SystemExit) as first:
+        train.check_enough_gpus(0, 8)
+    assert str(first.value) == ('error: torchrun started 8 processes on this machine, which has 1 GPU(s): '
+                                'use --nproc_per_node=1, or --device=cpu to train on the CPU')
+    with pytest.raises(SystemExit) as other:
+        train.check_enough_gpus(5, 8)
+    assert other.value.code == 1
+    train.check_enough_gpus(0, 1)  # one process a GPU: on its way
+
+
 @pytest.mark.skipif(train.cxx_compiler() is None, reason='no C++ compiler')
 def test_compiled_model_matches_eager_on_packed_batches_of_changing_shape(data_dir, tmp_path):
     cfg = config(data_dir, tmp_path, '--n_layer=1')  # compiling takes most of this test: keep it small
