@@ -26,7 +26,8 @@ import torch
 import configurator
 import dialog
 import tokenizer as tok
-from model import DTYPES, GPT, CheckpointError, autocast, check_device, resolve_device, resolve_dtype
+from model import (DTYPES, GPT, CheckpointError, autocast, check_device, keep_freed_memory, resolve_device,
+                   resolve_dtype)
 from tool import SqlTool
 
 DEFAULTS = dict(
@@ -460,6 +461,8 @@ def main(argv):
     cfg = configurator.main_parse(DEFAULTS, argv, checks=CHECKS)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    if device == 'cpu':
+        keep_freed_memory()
     try:
         model, ckpt, data_dir = load_trained(cfg.out_dir, device, cfg.data_dir)
         bot = make_agent(model, ckpt['tokenizer'], cfg.db or os.path.join(data_dir, 'people.db'),

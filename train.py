@@ -9,7 +9,6 @@ A step is gradient_accumulation_steps micro-batches of batch_size rows; with sev
 each takes its share of every micro-batch's rows, so a run makes the same updates on any number.
 """
 import contextlib
-import ctypes
 import json
 import math
 import os
@@ -27,7 +26,7 @@ import configurator
 import finetune
 from configurator import ConfigError
 from model import (DTYPES, GPT, KERNELS, CheckpointError, GPTConfig, autocast, check_device,
-                   load_checkpoint, resolve_device, resolve_dtype)
+                   keep_freed_memory, load_checkpoint, resolve_device, resolve_dtype)
 from prepare_data import DATASETS, ShardError, read_shard
 
 DEFAULTS = dict(
@@ -290,22 +289,6 @@ def check_enough_gpus(local_rank, local_world):
         message = (f"error: torchrun started {local_world} processes on this machine, which has {gpus} "
                    f"GPU(s): use --nproc_per_node={gpus}, or --device=cpu to train on the CPU")
         raise SystemExit(message if local_rank == 0 else 1)
-
-
-def keep_freed_memory():
-    """Make glibc keep freed blocks of up to 32 MB for reuse instead of unmapping them.
-
-    A CPU step frees and reallocates the same ~20 MB activations; by default glibc hands many back
-    to the OS and the next step page-faults them in again (20-120k faults a step): 8-10% of a
-    step on 2 cores. Memory stays at the peak, as with PyTorch's CUDA caching allocator.
-    Not glibc (macOS, musl): nothing to do.
-    """
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks under 32 MB (its maximum) from the heap
-        libc.mallopt(-1, 1 << 30)   # M_TRIM_THRESHOLD: return the heap's top only past 1 GB free
-    except (OSError, AttributeError, TypeError):  # TypeError: Windows has no CDLL(None)
-        pass
 
 
 def check_options(cfg, world):
