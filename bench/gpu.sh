@@ -46,6 +46,7 @@ quick_job() {  # the main job's training and evaluation, on the GPU (quickstart.
 ddp() {  # NCCL with one process per GPU, then the headline command, which must name the mismatch
     local gpus
     gpus=$(python -c 'import torch; print(torch.cuda.device_count())')
+    ((gpus > 0)) || { echo "no GPU here: nothing for NCCL to do"; return 1; }
     torchrun --standalone --nproc_per_node="$gpus" train.py config/memory.py --max_iters=40 \
         --eval_interval=20 --out_dir=out/memory_ddp --overwrite=True || return
     torchrun --standalone --nproc_per_node=8 train.py config/memory.py --max_iters=2 --out_dir=out/memory_ddp8
