@@ -128,7 +128,7 @@ def keep_freed_memory():
     A CPU training step frees and reallocates the same ~20 MB activations, as a batch of
     generation does its prefill and cache copies; by default glibc hands many back to the OS and
     the next use page-faults them in again (20-120k faults a training step): 8-10% of a step,
-    5-10% of agent.py's batch of 1024, on 2 cores. Memory stays at the peak, as with PyTorch's
+    3-8% of agent.py's batch of 1024, on 2 cores. Memory stays at the peak, as with PyTorch's
     CUDA caching allocator.
     Not glibc (macOS, musl): nothing to do.
     """
