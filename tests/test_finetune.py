@@ -141,7 +141,8 @@ def test_torchrun_with_lora_or_frozen_parts_makes_the_updates_of_one_process(dat
     used by every forward: no find_unused_parameters, and the updates are one process's. Both in
     float32, eager (as conftest.py sets for this process): the sums are then comparable."""
     flags = [f'--data_dir={data_dir}', '--dtype=float32', '--compile=False', '--n_embd=32',
-             '--tie_embeddings=True', '--batch_size=8', '--max_iters=3', '--warmup_iters=1', '--learning_rate=3e-3', '--eval_interval=1000', '--eval_iters=1',
+             '--tie_embeddings=True', '--batch_size=8', '--max_iters=3', '--warmup_iters=1',
+             '--learning_rate=3e-3', '--eval_interval=1000', '--eval_iters=1',
              '--log_interval=1', '--device=cpu', '--threads=1', *flags]
     ddp = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
                           'train.py', *flags, f'--out_dir={tmp_path}/ddp'], cwd=ROOT, capture_output=True,
