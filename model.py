@@ -21,6 +21,7 @@ import contextlib
 import ctypes
 import math
 import os
+import shutil
 import types
 import warnings
 from dataclasses import dataclass
@@ -140,6 +141,11 @@ def keep_freed_memory():
         pass
 
 
+def cxx_compiler():
+    """The C++ compiler inductor would use on CPU (torch.compile writes C++ there), or None."""
+    return next(filter(None, map(shutil.which, (os.environ.get('CXX', 'g++'), 'g++', 'clang++'))), None)
+
+
 def autocast(device, dtype):
     """The context a model runs in: bfloat16 autocast, or plain float32."""
     return torch.autocast(device.split(':')[0], dtype=torch.bfloat16, enabled=dtype == 'bfloat16')
@@ -191,6 +197,15 @@ def apply_rope(x, cos, sin):
 
 def rope(q, k, cos, sin):
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+
+def project(x, linears, low_bits=None):
+    """x through Linear layers that all read it -> their outputs (a tensor for one layer).
+    low_bits: lowbit.py's copy of their weights, one pass over all of them where it serves x."""
+    if low_bits is not None and low_bits.serves(x):
+        return low_bits(x)
+    outputs = [linear(x) for linear in linears]
+    return outputs if len(outputs) > 1 else outputs[0]
 
 
 def swiglu(a, b):
@@ -364,6 +379,7 @@ class CausalSelfAttention(nn.Module):
         self.o_proj = nn.Linear(config.n_head * self.head_dim, config.n_embd, bias=False)
         self.ops = TORCH_OPS
         self.k_cache = self.v_cache = None  # (lanes, n_kv_head, max_len + 1, hd): setup_cache
+        self.low_bits_qkv = self.low_bits_out = None  # lowbit.py's copies, for decoding
 
     def forward(self, x, cos, sin, layout=None, step=None):
         """x (B, T, C): causal rows, or new tokens of cached lanes with `step`; or (S, C): the
@@ -377,11 +393,12 @@ class CausalSelfAttention(nn.Module):
             return self.o_proj(layout.attend(q, k, v))
         if step is not None:  # (N, C): the real new tokens of cached lanes
             N, C = x.shape
-            q = self.q_proj(x).view(N, self.n_head, self.head_dim)
-            k = self.k_proj(x).view(N, self.n_kv_head, self.head_dim)
-            v = self.v_proj(x).view(N, self.n_kv_head, self.head_dim)
+            q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj), self.low_bits_qkv)
+            q = q.view(N, self.n_head, self.head_dim)
+            k = k.view(N, self.n_kv_head, self.head_dim)
+            v = v.view(N, self.n_kv_head, self.head_dim)
             q, k = self.ops.rope(q, k, cos, sin)
-            return self.o_proj(self.attend_cache(q, k, v, step).to(x.dtype))
+            return project(self.attend_cache(q, k, v, step).to(x.dtype), (self.o_proj,), self.low_bits_out)
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
@@ -407,7 +424,11 @@ class CausalSelfAttention(nn.Module):
         self.v_cache[step.cache_row, :, step.cache_pos] = v.to(self.v_cache.dtype)
         B, _, S, context = step.attn_mask.shape
         rows = slice(None) if step.rows is None else step.rows
-        k, v = self.share_kv(self.k_cache[rows, :, :context]), self.share_kv(self.v_cache[rows, :, :context])
+        k, v = self.k_cache[rows, :, :context], self.v_cache[rows, :, :context]
+        # CPU's attention serves each kv head to its query heads itself; CUDA's masked one needs copies
+        shared = k.device.type == 'cpu'
+        if not shared:
+            k, v = self.share_kv(k), self.share_kv(v)
         if len(q) == B * S:  # every lane got S tokens: the queries are the grid
             grid = q
         else:  # padding queries are zeros; what they attend to is dropped below
@@ -415,7 +436,7 @@ class CausalSelfAttention(nn.Module):
             grid[step.slot] = q
         grid = grid.view(B, S, self.n_head, self.head_dim).transpose(1, 2).to(k.dtype)
         # under autocast the projections come out in bfloat16: attend in the cache's dtype
-        y = F.scaled_dot_product_attention(grid, k, v, attn_mask=step.attn_mask)  # (B, nh, S, hd)
+        y = F.scaled_dot_product_attention(grid, k, v, attn_mask=step.attn_mask, enable_gqa=shared)  # (B, nh, S, hd)
         y = y.transpose(1, 2).reshape(B * S, self.n_head * self.head_dim)
         return y if len(q) == B * S else y[step.slot]
 
@@ -427,9 +448,11 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.n_embd, config.mlp_hidden, bias=False)
         self.down_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=False)
         self.ops = TORCH_OPS
+        self.low_bits_gate_up = self.low_bits_down = None  # lowbit.py's copies, for decoding
 
     def forward(self, x):
-        return self.down_proj(self.ops.swiglu(self.gate_proj(x), self.up_proj(x)))
+        gate, up = project(x, (self.gate_proj, self.up_proj), self.low_bits_gate_up)
+        return project(self.ops.swiglu(gate, up), (self.down_proj,), self.low_bits_down)
 
 
 class Block(nn.Module):
@@ -458,6 +481,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.n_embd, config.norm_eps)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.low_bits_head = None  # lowbit.py's copy, for decoding
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         cos, sin = rope_table(config.n_embd // config.n_head, config.block_size, config.rope_theta,
@@ -633,7 +657,7 @@ class GPT(nn.Module):
             logits = self.lm_head(self.norm(x))
             return logits.new_zeros(B * S, logits.size(-1)).index_copy_(0, slot, logits).view(B, S, -1)
         last = (n_new.cumsum(0) - 1).clamp(min=0)      # each lane's last real token (N >= 1)
-        return self.lm_head(self.norm(x[last]))
+        return project(self.norm(x[last]), (self.lm_head,), self.low_bits_head)
 
     # ------------------------------------------------------------------------------------------
     # Training helpers

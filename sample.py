@@ -20,6 +20,7 @@ import torch
 import agent
 import configurator
 import dialog
+import lowbit
 import pretrained
 from model import DTYPES, autocast, check_device, resolve_device, resolve_dtype
 from prepare_data import ATTRIBUTES, question_answer
@@ -99,6 +100,8 @@ def main(argv):
     try:
         if cfg.init_from:  # a pretrained chat model: questions of your own, no database
             model, tokenizer, fmt = pretrained.load(cfg.init_from, device)
+            if dtype == 'float32':
+                lowbit.keep_low_bits(model)  # a GGUF file's 4-bit weights: one lane decodes ~2x faster
             bot, db_path = agent.Agent(model, tokenizer, dialog.get(fmt), cache_dtype=getattr(torch, dtype)), None
         else:
             model, ckpt, data_dir = agent.load_trained(cfg.out_dir, device, cfg.data_dir)

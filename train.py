@@ -12,7 +12,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -25,7 +24,7 @@ import agent
 import configurator
 import finetune
 from configurator import ConfigError
-from model import (DTYPES, GPT, KERNELS, CheckpointError, GPTConfig, autocast, check_device,
+from model import (DTYPES, GPT, KERNELS, CheckpointError, GPTConfig, autocast, check_device, cxx_compiler,
                    keep_freed_memory, load_checkpoint, resolve_device, resolve_dtype)
 from prepare_data import DATASETS, ShardError, read_shard
 
@@ -436,11 +435,6 @@ def compiled(model, device):
         raise ConfigError("compile=True on CPU needs a C++ compiler (g++ or clang++, or $CXX): "
                           "install one, or run with --compile=False")
     return torch.compile(model, dynamic=True)
-
-
-def cxx_compiler():
-    """The C++ compiler inductor would use on CPU, or None."""
-    return next(filter(None, map(shutil.which, (os.environ.get('CXX', 'g++'), 'g++', 'clang++'))), None)
 
 
 def _short(value):

@@ -9,7 +9,9 @@ same ChatML question prompts, greedy, float32, the same number of new tokens for
 End of turn is ignored by both (every lane writes new_tokens tokens; after <|im_end|> both go on
 feeding what they wrote), so the outputs can be compared token for token. transformers reads the
 model as pretrained.export writes it (the same float32 weights; its default attention, left
-padding with an attention mask, its own KV cache). Timings alternate between the two, a median of
+padding with an attention mask, its own KV cache). Ours decodes a single lane from a byte-per-value
+copy of the weights where they are a GGUF file's low-bit blocks (lowbit.py: the same values, read
+4x faster; --low_bits=False times the float32 weights instead). Timings alternate between the two, a median of
 `repeats` runs each, after an untimed warm-up. Prints one JSON line for the machine, one per
 method and batch size (tokens_per_s: new tokens over the wall time of the whole call, prefill
 included; decode_tokens_per_s: the tokens after the first over the time after a prefill, timed
@@ -32,6 +34,7 @@ import torch
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import configurator  # noqa: E402
 import dialog  # noqa: E402
+import lowbit  # noqa: E402
 import pretrained  # noqa: E402
 from model import check_device, resolve_device  # noqa: E402
 
@@ -41,6 +44,7 @@ DEFAULTS = dict(
     new_tokens=32,             # tokens every lane writes (end of turn ignored)
     repeats=3,                 # timed runs of each method at each batch size (the median is printed)
     warmup_tokens=4,           # an untimed run of this many tokens first, for each method and batch size
+    low_bits=True,             # ours decodes batch 1 from the weights' low-bit blocks where they are some (lowbit.py)
     reference=True,            # also time transformers' generate (pip install transformers)
     device='auto',             # 'auto', 'cpu', 'cuda', 'cuda:1', ...
     threads=0,                 # CPU threads; 0: torch's default (every core)
@@ -149,6 +153,7 @@ def main(argv):
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     load_s = time.perf_counter() - t0
+    low_bit_weights = lowbit.keep_low_bits(model) if cfg.low_bits else 0
     fmt = dialog.get(fmt)
     methods = {'ours': (model, generate_ours)}
     machine = {'cpu': cpu_model(), 'device': device, 'threads': torch.get_num_threads(), 'torch': torch.__version__}
@@ -166,7 +171,8 @@ def main(argv):
         methods['transformers'] = (theirs.to(device).eval(), generate_theirs)
         machine.update(transformers=transformers.__version__, attn_implementation=theirs.config._attn_implementation)
     print(json.dumps({'machine': machine, 'model': cfg.init_from, 'num_params': model.num_params(),
-                      'dtype': 'float32', 'load_s': round(load_s, 1)}), flush=True)
+                      'dtype': 'float32', 'load_s': round(load_s, 1), 'low_bit_weights': low_bit_weights}),
+          flush=True)
     for batch_size in cfg.batch_sizes:
         ids = prompts(tokenizer, fmt, batch_size)
         for net, generate in methods.values():
