@@ -426,7 +426,7 @@ class CausalSelfAttention(nn.Module):
         rows = slice(None) if step.rows is None else step.rows
         k, v = self.k_cache[rows, :, :context], self.v_cache[rows, :, :context]
         # CPU's attention serves each kv head to its query heads itself; CUDA's masked one needs copies
-        shared = k.device.type == 'cpu'
+        shared = k.device.type == 'cpu' and self.n_head > self.n_kv_head
         if not shared:
             k, v = self.share_kv(k), self.share_kv(v)
         if len(q) == B * S:  # every lane got S tokens: the queries are the grid
