@@ -98,22 +98,35 @@ _library = None
 
 
 def library():
-    """The compiled C_SOURCE (built once a process, ~0.2 s, for this machine's CPU), or None
-    where it does not build."""
+    """The C loop, built once a process (None where it does not build)."""
     global _library
     if _library is None:
-        compiler = cxx_compiler()
-        _library = False
-        with tempfile.TemporaryDirectory() as folder:
-            source, built = os.path.join(folder, 'lowbit.c'), os.path.join(folder, 'lowbit.so')
-            with open(source, 'w') as f:
-                f.write(C_SOURCE)
-            command = [compiler, '-x', 'c', '-O3', '-march=native', '-fopenmp', '-shared', '-fPIC',
-                       source, '-o', built]
-            if compiler and subprocess.run(command, capture_output=True).returncode == 0:
-                _library = ctypes.CDLL(built)  # loaded before the folder goes
-                _library.matvec.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+        _library = build() or False
     return _library or None
+
+
+def build():
+    """C_SOURCE as a loaded library for this machine's CPU (~0.2 s), with OpenMP threads or, where
+    the compiler has no OpenMP, on one -> ctypes.CDLL, or None where it does not build."""
+    compiler = cxx_compiler()
+    if compiler is None:
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        source, built = os.path.join(folder, 'lowbit.c'), os.path.join(folder, 'lowbit.so')
+        with open(source, 'w') as f:
+            f.write(C_SOURCE)
+        for threads in (['-fopenmp'], []):
+            command = [compiler, '-x', 'c', '-O3', '-march=native', *threads, '-shared', '-fPIC', source,
+                       '-o', built]
+            try:
+                if subprocess.run(command, capture_output=True, timeout=120).returncode != 0:
+                    continue
+            except (OSError, subprocess.TimeoutExpired):
+                return None
+            library = ctypes.CDLL(built)  # loaded before its folder goes
+            library.matvec.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+            return library
+    return None
 
 
 def matvec(x, codes, scale, offset):

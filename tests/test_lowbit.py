@@ -124,3 +124,13 @@ def test_smollm2_decodes_its_float32_answer_from_its_own_4_bit_blocks():
     assert tokenizer.decode(low_tokens).startswith('The capital of France is Paris.')
     assert low_tokens == tokens
     torch.testing.assert_close(low_logits, logits, rtol=1e-4, atol=1e-4)
+
+
+def test_without_a_compiler_nothing_is_kept_and_the_float32_weights_serve(monkeypatch):
+    import model as model_py
+    monkeypatch.setattr(model_py.shutil, 'which', lambda name: None)
+    monkeypatch.setattr(lowbit, '_library', None)  # built anew, without a compiler
+    model = tiny_quantized_gpt()
+    tokens, _ = greedy(model, [5, 17, 42], 8)
+    assert lowbit.keep_low_bits(model) == 0 and model.low_bits_head is None
+    assert greedy(model, [5, 17, 42], 8)[0] == tokens
