@@ -436,7 +436,8 @@ class CausalSelfAttention(nn.Module):
             grid[step.slot] = q
         grid = grid.view(B, S, self.n_head, self.head_dim).transpose(1, 2).to(k.dtype)
         # under autocast the projections come out in bfloat16: attend in the cache's dtype
-        y = F.scaled_dot_product_attention(grid, k, v, attn_mask=step.attn_mask, enable_gqa=shared)  # (B, nh, S, hd)
+        y = F.scaled_dot_product_attention(grid, k, v, attn_mask=step.attn_mask,
+                                           enable_gqa=shared)                        # (B, nh, S, hd)
         y = y.transpose(1, 2).reshape(B * S, self.n_head * self.head_dim)
         return y if len(q) == B * S else y[step.slot]
 

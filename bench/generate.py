@@ -9,10 +9,10 @@ same ChatML question prompts, greedy, float32, the same number of new tokens for
 End of turn is ignored by both (every lane writes new_tokens tokens; after <|im_end|> both go on
 feeding what they wrote), so the outputs can be compared token for token. transformers reads the
 model as pretrained.export writes it (the same float32 weights; its default attention, left
-padding with an attention mask, its own KV cache). Ours decodes a single lane from a byte-per-value
-copy of the weights where they are a GGUF file's low-bit blocks (lowbit.py: the same values, read
-4x faster; --low_bits=False times the float32 weights instead). Timings alternate between the two, a median of
-`repeats` runs each, after an untimed warm-up. Prints one JSON line for the machine, one per
+padding with an attention mask, its own KV cache). Ours decodes a lone lane from a byte-per-value
+copy of the weights where they are a GGUF file's low-bit blocks (lowbit.py: the same values in a
+third of the bytes; --low_bits=False times the float32 weights instead). Timings alternate
+between the two, a median of `repeats` runs each, after an untimed warm-up. Prints one JSON line for the machine, one per
 method and batch size (tokens_per_s: new tokens over the wall time of the whole call, prefill
 included; decode_tokens_per_s: the tokens after the first over the time after a prefill, timed
 alone) and one per batch size comparing them: both ratios (ours over theirs) and whether the
