@@ -12,11 +12,11 @@ model as pretrained.export writes it (the same float32 weights; its default atte
 padding with an attention mask, its own KV cache). Ours decodes a lone lane from a byte-per-value
 copy of the weights where they are a GGUF file's low-bit blocks (lowbit.py: the same values in a
 third of the bytes; --low_bits=False times the float32 weights instead). Timings alternate
-between the two, a median of `repeats` runs each, after an untimed warm-up. Prints one JSON line for the machine, one per
-method and batch size (tokens_per_s: new tokens over the wall time of the whole call, prefill
-included; decode_tokens_per_s: the tokens after the first over the time after a prefill, timed
-alone) and one per batch size comparing them: both ratios (ours over theirs) and whether the
-greedy tokens are identical, with the first divergence if not.
+between the two, a median of `repeats` runs each, after an untimed warm-up. Prints one JSON line
+for the machine, one per method and batch size (tokens_per_s: new tokens over the wall time of
+the whole call, prefill included; decode_tokens_per_s: the tokens after the first over the time
+after a prefill, timed alone) and one per batch size comparing them: both ratios (ours over
+theirs) and whether the greedy tokens are identical, with the first divergence if not.
 """
 import json
 import os
