@@ -121,9 +121,9 @@ def build():
             try:
                 if subprocess.run(command, capture_output=True, timeout=120).returncode != 0:
                     continue
-            except (OSError, subprocess.TimeoutExpired):
+                library = ctypes.CDLL(built)  # loaded before its folder goes
+            except (OSError, subprocess.TimeoutExpired):  # no compiler after all; a noexec /tmp
                 return None
-            library = ctypes.CDLL(built)  # loaded before its folder goes
             library.matvec.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_int]
             return library
     return None
