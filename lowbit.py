@@ -18,18 +18,13 @@ float32 weights as before; a weight changed after the copy was made (an optimize
 is no longer served from it. Per block, x . (d q + m) = d (x . q) + m sum(x): the same products
 summed in another order, so the logits agree with the float32 path to float32 rounding.
 
-The product is a loop of C (C_SOURCE), built with the C++ compiler torch.compile would use and
-called through ctypes: one pass over the codes, vectorized by the compiler, on torch's thread
-count. Where it does not build (no compiler, no OpenMP), keep_low_bits keeps nothing.
+The product is a loop of C (cpu_kernels.py's matvec): one pass over the codes, 64 output rows at
+a time, vectorized by the compiler. Where it does not build (no compiler), keep_low_bits keeps
+nothing.
 """
-import ctypes
-import os
-import subprocess
-import tempfile
-
 import torch
 
-from model import cxx_compiler
+from cpu_kernels import library, matvec
 
 BLOCK = 32
 
@@ -61,81 +56,6 @@ def low_bit_blocks(weight):
             layout = lambda t: t.permute(1, 2, 0).contiguous()  # (rows, blocks, n) -> (blocks, n, rows)
             return layout(codes.to(torch.int8)), layout(scale), layout(offset)
     return None
-
-
-# y = W x for one row x, W in blocks of 32 along each row: y[r] = sum over blocks b of
-# scale[b, r] * (sum_i codes[b, i, r] x[32 b + i]) + offset[b, r] * (sum_i x[32 b + i]).
-# Each thread takes 64 output rows at a time, so a step reads one 64-byte line of codes per input
-# value and the compiler vectorizes the loop over the 64 rows (int8 -> float, multiply-add).
-C_SOURCE = r"""
-#include <stdint.h>
-#define TILE 64
-void matvec(const int8_t* codes, const float* scale, const float* offset, const float* x, float* y,
-            int64_t blocks, int64_t rows, int threads) {
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t r0 = 0; r0 < rows; r0 += TILE) {
-        int64_t n = rows - r0 < TILE ? rows - r0 : TILE;
-        float acc[TILE] = {0};
-        for (int64_t b = 0; b < blocks; b++) {
-            float dot[TILE] = {0}, xsum = 0;
-            for (int64_t i = 0; i < 32; i++) {
-                const int8_t* c = codes + (b * 32 + i) * rows + r0;
-                float xi = x[b * 32 + i];
-                xsum += xi;
-                if (n == TILE)
-                    for (int64_t r = 0; r < TILE; r++) dot[r] += c[r] * xi;
-                else
-                    for (int64_t r = 0; r < n; r++) dot[r] += c[r] * xi;
-            }
-            for (int64_t r = 0; r < n; r++)
-                acc[r] += dot[r] * scale[b * rows + r0 + r] + offset[b * rows + r0 + r] * xsum;
-        }
-        for (int64_t r = 0; r < n; r++) y[r0 + r] = acc[r];
-    }
-}
-"""
-_library = None
-
-
-def library():
-    """The C loop, built once a process (None where it does not build)."""
-    global _library
-    if _library is None:
-        _library = build() or False
-    return _library or None
-
-
-def build():
-    """C_SOURCE as a loaded library for this machine's CPU (~0.2 s), with OpenMP threads or, where
-    the compiler has no OpenMP, on one -> ctypes.CDLL, or None where it does not build."""
-    compiler = cxx_compiler()
-    if compiler is None:
-        return None
-    with tempfile.TemporaryDirectory() as folder:
-        source, built = os.path.join(folder, 'lowbit.c'), os.path.join(folder, 'lowbit.so')
-        with open(source, 'w') as f:
-            f.write(C_SOURCE)
-        for threads in (['-fopenmp'], []):
-            command = [compiler, '-x', 'c', '-O3', '-march=native', *threads, '-shared', '-fPIC', source,
-                       '-o', built]
-            try:
-                if subprocess.run(command, capture_output=True, timeout=120).returncode != 0:
-                    continue
-                library = ctypes.CDLL(built)  # loaded before its folder goes
-            except (OSError, subprocess.TimeoutExpired):  # no compiler after all; a noexec /tmp
-                return None
-            library.matvec.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_int]
-            return library
-    return None
-
-
-def matvec(x, codes, scale, offset):
-    """x (cols,) float32 @ the weight of codes, scale, offset -> (rows,)."""
-    x = x.contiguous()
-    y = x.new_empty(codes.size(2))
-    library().matvec(codes.data_ptr(), scale.data_ptr(), offset.data_ptr(), x.data_ptr(), y.data_ptr(),
-                     codes.size(0), codes.size(2), torch.get_num_threads())
-    return y
 
 
 class LowBits:

@@ -21,7 +21,6 @@ import contextlib
 import ctypes
 import math
 import os
-import shutil
 import types
 import warnings
 from dataclasses import dataclass
@@ -30,6 +29,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+
+import cpu_kernels
+from cpu_kernels import cxx_compiler  # noqa: F401 - train.py's too
 
 try:
     import triton_kernels  # needs triton; absent or broken -> PyTorch everywhere
@@ -139,11 +141,6 @@ def keep_freed_memory():
         libc.mallopt(-1, 1 << 30)   # M_TRIM_THRESHOLD: return the heap's top only past 1 GB free
     except (OSError, AttributeError, TypeError):  # TypeError: Windows has no CDLL(None)
         pass
-
-
-def cxx_compiler():
-    """The C++ compiler inductor would use on CPU (torch.compile writes C++ there), or None."""
-    return next(filter(None, map(shutil.which, (os.environ.get('CXX', 'g++'), 'g++', 'clang++'))), None)
 
 
 def autocast(device, dtype):
@@ -365,6 +362,8 @@ class DecodeStep:
     cache_row: torch.Tensor  # (N,) its lane's cache row
     cache_pos: torch.Tensor  # (N,) its position, where its key and value are written
     attn_mask: torch.Tensor  # (B, 1, S, context) which cached keys each query of the grid sees
+    lengths: torch.Tensor    # (B,) each lane's cached tokens before these
+    n_new: torch.Tensor      # (B,) its real new tokens: the first n_new[b] of its S
     rows: torch.Tensor = None  # the cache rows of the B lanes (None: every row)
 
 
@@ -378,7 +377,8 @@ class CausalSelfAttention(nn.Module):
         self.v_proj = nn.Linear(config.n_embd, config.n_kv_head * self.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_head * self.head_dim, config.n_embd, bias=False)
         self.ops = TORCH_OPS
-        self.k_cache = self.v_cache = None  # (lanes, n_kv_head, max_len + 1, hd): setup_cache
+        self.k_cache = self.v_cache = None  # (lanes, n_kv_head, max_len, hd): setup_cache
+        self.keys_transposed = False        # k_cache (lanes, n_kv_head, hd, max_len), for cpu_kernels.attend
         self.low_bits_qkv = self.low_bits_out = None  # lowbit.py's copies, for decoding
 
     def forward(self, x, cos, sin, layout=None, step=None):
@@ -414,30 +414,40 @@ class CausalSelfAttention(nn.Module):
 
     def setup_cache(self, batch_size, max_len, device, dtype):
         shape = (batch_size, self.n_kv_head, max_len, self.head_dim)
-        self.k_cache = torch.zeros(shape, device=device, dtype=dtype)
+        # on CPU cpu_kernels.attend reads 16 keys a vector: positions last, one key's dims apart
+        self.keys_transposed = cpu_kernels.attends(device, dtype, self.head_dim)
+        k_shape = (batch_size, self.n_kv_head, self.head_dim, max_len) if self.keys_transposed else shape
+        self.k_cache = torch.zeros(k_shape, device=device, dtype=dtype)
         self.v_cache = torch.zeros(shape, device=device, dtype=dtype)
 
     def attend_cache(self, q, k, v, step):
         """Write the new keys and values (N, nkv, hd) into their lanes' cache rows, then attend
         over them from the queries (N, nh, hd) -> (N, nh * hd)."""
-        self.k_cache[step.cache_row, :, step.cache_pos] = k.to(self.k_cache.dtype)
+        if self.keys_transposed:
+            self.k_cache[step.cache_row, :, :, step.cache_pos] = k.to(self.k_cache.dtype)
+        else:
+            self.k_cache[step.cache_row, :, step.cache_pos] = k.to(self.k_cache.dtype)
         self.v_cache[step.cache_row, :, step.cache_pos] = v.to(self.v_cache.dtype)
         B, _, S, context = step.attn_mask.shape
-        rows = slice(None) if step.rows is None else step.rows
-        k, v = self.k_cache[rows, :, :context], self.v_cache[rows, :, :context]
-        # CPU's attention serves each kv head to its query heads itself; CUDA's masked one needs copies
-        shared = k.device.type == 'cpu' and self.n_head > self.n_kv_head
-        if not shared:
-            k, v = self.share_kv(k), self.share_kv(v)
         if len(q) == B * S:  # every lane got S tokens: the queries are the grid
             grid = q
         else:  # padding queries are zeros; what they attend to is dropped below
             grid = q.new_zeros(B * S, self.n_head, self.head_dim)
             grid[step.slot] = q
-        grid = grid.view(B, S, self.n_head, self.head_dim).transpose(1, 2).to(k.dtype)
         # under autocast the projections come out in bfloat16: attend in the cache's dtype
-        y = F.scaled_dot_product_attention(grid, k, v, attn_mask=step.attn_mask,
-                                           enable_gqa=shared)                        # (B, nh, S, hd)
+        grid = grid.view(B, S, self.n_head, self.head_dim).transpose(1, 2).to(self.v_cache.dtype)
+        if self.keys_transposed:
+            rows = torch.arange(B, device=q.device) if step.rows is None else step.rows
+            y = cpu_kernels.attend(grid, self.k_cache, self.v_cache, rows, step.lengths, step.n_new)
+        else:
+            rows = slice(None) if step.rows is None else step.rows
+            k, v = self.k_cache[rows, :, :context], self.v_cache[rows, :, :context]
+            # CPU's attention serves each kv head to its query heads itself; CUDA's masked one copies
+            shared = k.device.type == 'cpu' and self.n_head > self.n_kv_head
+            if not shared:
+                k, v = self.share_kv(k), self.share_kv(v)
+            y = F.scaled_dot_product_attention(grid, k, v, attn_mask=step.attn_mask,
+                                               enable_gqa=shared)                    # (B, nh, S, hd)
         y = y.transpose(1, 2).reshape(B * S, self.n_head * self.head_dim)
         return y if len(q) == B * S else y[step.slot]
 
@@ -645,6 +655,7 @@ class GPT(nn.Module):
         lane, pos = slot // S, grid_pos.flatten()[slot]
         keys = torch.arange(context, device=device)
         step = DecodeStep(slot=slot, cache_row=lane if rows is None else rows[lane], cache_pos=pos, rows=rows,
+                          lengths=lengths, n_new=n_new,
                           attn_mask=(keys[None, None, :] <= grid_pos[:, :, None])[:, None])
         cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]            # (N, 1, hd/2)
         x = self.embed(idx.flatten()[slot])                                            # (N, C)

@@ -11,6 +11,7 @@ import torch
 
 import agent
 import configurator
+import cpu_kernels
 import dialog
 import train
 from conftest import prepare_dataset
@@ -267,6 +268,20 @@ def test_drafted_decoding_writes_the_same_dialogs_in_fewer_steps(trained, data_d
     assert texts[8, 'steps'] < 0.8 * texts[0, 'steps']  # 0.68 measured; 0.29 on out/quick
     right = [agent.is_correct(FMT.final_answer(t), q['answer']) for t, q in zip(texts[0], asked)]
     assert 0 < sum(right) < len(right)  # some of each: the drafts were wrong often enough to matter
+
+
+@pytest.mark.skipif(not cpu_kernels.attends('cpu', torch.float32, 32), reason='no C attention here')
+def test_the_c_attention_writes_the_dialogs_pytorchs_attention_writes(trained, data_dir, monkeypatch):
+    """cpu_kernels.attend (the default on CPU, heads of 32) against scaled_dot_product_attention,
+    drafted greedy decoding of every question of both splits: the same dialogs, token for token."""
+    model, ckpt, _ = agent.load_trained(str(trained), 'cpu')
+    questions = [q['question'] for split in ('train', 'ood') for q in agent.read_questions(data_dir, split, 10**6)]
+    bot = agent.make_agent(model, ckpt['tokenizer'], os.path.join(data_dir, 'people.db'), 'qatool', data_dir=data_dir)
+    ours = [lane.text for lane in bot.run(questions, max_new_tokens=100)]
+    assert model.blocks[0].attn.keys_transposed  # the run above attended in C
+    monkeypatch.setattr(cpu_kernels, 'attends', lambda *args: False)
+    theirs = [lane.text for lane in bot.run(questions, max_new_tokens=100)]
+    assert not model.blocks[0].attn.keys_transposed and len(questions) >= 300 and ours == theirs
 
 
 def test_a_draft_is_the_tokens_after_the_latest_earlier_occurrence():

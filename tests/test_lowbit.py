@@ -127,9 +127,9 @@ def test_smollm2_decodes_its_float32_answer_from_its_own_4_bit_blocks():
 
 
 def test_without_a_compiler_nothing_is_kept_and_the_float32_weights_serve(monkeypatch):
-    import model as model_py
-    monkeypatch.setattr(model_py.shutil, 'which', lambda name: None)
-    monkeypatch.setattr(lowbit, '_library', None)  # built anew, without a compiler
+    import cpu_kernels
+    monkeypatch.setattr(cpu_kernels.shutil, 'which', lambda name: None)
+    monkeypatch.setattr(cpu_kernels, '_library', None)  # built anew, without a compiler
     model = tiny_quantized_gpt()
     tokens, _ = greedy(model, [5, 17, 42], 8)
     assert lowbit.keep_low_bits(model) == 0 and model.low_bits_head is None

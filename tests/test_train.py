@@ -160,8 +160,8 @@ def test_corrupt_checkpoint_is_named_and_refused(data_dir, tmp_path):
 
 
 def test_compile_on_cpu_without_a_compiler_says_what_to_install(monkeypatch):
-    import model as model_py
-    monkeypatch.setattr(model_py.shutil, 'which', lambda name: None)
+    import cpu_kernels
+    monkeypatch.setattr(cpu_kernels.shutil, 'which', lambda name: None)
     model = torch.nn.Linear(2, 2)
     with pytest.raises(ConfigError, match='needs a C\\+\\+ compiler.*--compile=False'):
         train.compiled(model, 'cpu')
