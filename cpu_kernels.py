@@ -1,11 +1,11 @@
 """
-C loops for decoding on CPU, built once a process with the compiler torch.compile uses and
-called through ctypes on torch's thread count. Where they do not build (no compiler), model.py
-runs its PyTorch math.
+C loops for decoding on CPU, built once a process (~0.5 s) with the compiler torch.compile uses
+and called through ctypes on torch's thread count. Where they do not build (no compiler) or the
+CPU lacks AVX-512 (attend), model.py runs its PyTorch math.
 
     matvec   one row times a weight kept as low-bit blocks (lowbit.py): a byte a value
-    attend   attention of a decode step over the KV cache, for heads of 32 (the paper's models),
-             with the keys stored transposed; AVX-512 only
+    attend   attention of a decode step over the KV cache, for heads of 32 (the paper's models):
+             model.py's setup_cache then stores the keys transposed (lanes, kv heads, 32, positions)
 
 attend: at 1024 lanes, 2 heads, ~140 cached tokens, 2 AMD EPYC cores, `scaled_dot_product_attention`
 takes 8-9 ms a layer with one query a lane and 11-13 ms with drafts of up to 8 more; this takes
