@@ -1,6 +1,6 @@
 """
-C loops for decoding on CPU, built once a process (~0.5 s) with the compiler torch.compile uses
-and called through ctypes on torch's thread count. Where they do not build (no compiler) or the
+C loops for decoding on CPU, built once a machine (~1 s, then kept in ~/.cache/nano-itl) with the
+compiler torch.compile uses and called through ctypes on torch's thread count. Where they do not build (no compiler) or the
 CPU lacks AVX-512 (attend), model.py runs its PyTorch math.
 
     matvec   one row times a weight kept as low-bit blocks (lowbit.py): a byte a value
@@ -15,7 +15,9 @@ loads contiguous. Its e^x is a degree-6 polynomial (~1e-7 relative): the outputs
 SDPA's to ~1e-6.
 """
 import ctypes
+import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -173,7 +175,7 @@ _library = None
 
 
 def library():
-    """The C loops, built once a process (None where they do not build)."""
+    """The C loops, loaded once a process (None where they do not build)."""
     global _library
     if _library is None:
         _library = build() or False
@@ -181,29 +183,56 @@ def library():
 
 
 def build():
-    """C_SOURCE as a loaded library for this machine's CPU (~0.5 s), with OpenMP threads or, where
-    the compiler has no OpenMP, on one -> ctypes.CDLL, or None where it does not build."""
+    """C_SOURCE as a loaded library for this machine's CPU, with OpenMP threads or, where the
+    compiler has no OpenMP, on one -> ctypes.CDLL, or None where it does not build. Built once a
+    machine (~1 s) and kept in the user's cache folder, named for the source, compiler and CPU."""
     compiler = cxx_compiler()
     if compiler is None:
         return None
-    with tempfile.TemporaryDirectory() as folder:
-        source, built = os.path.join(folder, 'cpu_kernels.c'), os.path.join(folder, 'cpu_kernels.so')
-        with open(source, 'w') as f:
-            f.write(C_SOURCE)
-        for threads in (['-fopenmp'], []):
-            command = [compiler, '-x', 'c', '-O3', '-march=native', *threads, '-shared', '-fPIC', source,
-                       '-o', built]
+    for threads in (['-fopenmp'], []):
+        flags = ['-x', 'c', '-O3', '-march=native', *threads, '-shared', '-fPIC']
+        built = cached_name(compiler, flags)
+        if os.path.exists(built) or compile_to(built, compiler, flags):
             try:
-                if subprocess.run(command, capture_output=True, timeout=120).returncode != 0:
-                    continue
-                library = ctypes.CDLL(built)  # loaded before its folder goes
-            except (OSError, subprocess.TimeoutExpired):  # no compiler after all; a noexec /tmp
+                library = ctypes.CDLL(built)
+            except OSError:  # a noexec folder, a damaged file
                 return None
             library.matvec.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_int]
             if library.has_attend():
                 library.attend.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 5 + [ctypes.c_int]
             return library
     return None
+
+
+def cached_name(compiler, flags):
+    """The built library's file: its name says what it was built from and for (-march=native
+    code runs only on the CPU that built it, so the CPU's flags and the machine's name count)."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            cpu = next((line for line in f if line.startswith('flags')), '')
+    except OSError:
+        cpu = platform.processor()
+    key = '\0'.join([C_SOURCE, compiler, *flags, cpu, platform.machine(), platform.node()])
+    root = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+    if not os.access(root if os.path.isdir(root) else os.path.dirname(root), os.W_OK):
+        root = tempfile.gettempdir()
+    return os.path.join(root, 'nano-itl', f'cpu_kernels-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so')
+
+
+def compile_to(path, compiler, flags):
+    """Compile C_SOURCE to path (under a temporary name, then renamed) -> whether it built."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as folder:
+            source, built = os.path.join(folder, 'cpu_kernels.c'), os.path.join(folder, 'cpu_kernels.so')
+            with open(source, 'w') as f:
+                f.write(C_SOURCE)
+            if subprocess.run([compiler, *flags, source, '-o', built], capture_output=True, timeout=120).returncode:
+                return False
+            os.replace(built, path)
+        return True
+    except (OSError, subprocess.TimeoutExpired):  # no compiler after all, a folder we cannot write
+        return False
 
 
 def matvec(x, codes, scale, offset):
