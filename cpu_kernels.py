@@ -1,7 +1,7 @@
 """
 C loops for decoding on CPU, built once a machine (~1 s, then kept in ~/.cache/nano-itl) with the
-compiler torch.compile uses and called through ctypes on torch's thread count. Where they do not build (no compiler) or the
-CPU lacks AVX-512 (attend), model.py runs its PyTorch math.
+compiler torch.compile uses and called through ctypes on torch's thread count. Where they do not
+build (no compiler) or the CPU lacks AVX-512 (attend), model.py runs its PyTorch math.
 
     matvec   one row times a weight kept as low-bit blocks (lowbit.py): a byte a value
     attend   attention of a decode step over the KV cache, for heads of 32 (the paper's models):
@@ -30,7 +30,7 @@ def cxx_compiler():
     return next(filter(None, map(shutil.which, (os.environ.get('CXX', 'g++'), 'g++', 'clang++'))), None)
 
 
-# y = W x for one row x, W in blocks of 32 along each row: y[r] = sum over blocks b of
+# matvec: y = W x for one row x, W in blocks of 32 along each row: y[r] = sum over blocks b of
 # scale[b, r] * (sum_i codes[b, i, r] x[32 b + i]) + offset[b, r] * (sum_i x[32 b + i]).
 # Each thread takes 64 output rows at a time, so a step reads one 64-byte line of codes per input
 # value and the compiler vectorizes the loop over the 64 rows (int8 -> float, multiply-add).

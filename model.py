@@ -31,7 +31,6 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 import cpu_kernels
-from cpu_kernels import cxx_compiler  # noqa: F401 - train.py's too
 
 try:
     import triton_kernels  # needs triton; absent or broken -> PyTorch everywhere
@@ -423,10 +422,8 @@ class CausalSelfAttention(nn.Module):
     def attend_cache(self, q, k, v, step):
         """Write the new keys and values (N, nkv, hd) into their lanes' cache rows, then attend
         over them from the queries (N, nh, hd) -> (N, nh * hd)."""
-        if self.keys_transposed:
-            self.k_cache[step.cache_row, :, :, step.cache_pos] = k.to(self.k_cache.dtype)
-        else:
-            self.k_cache[step.cache_row, :, step.cache_pos] = k.to(self.k_cache.dtype)
+        keys = self.k_cache.transpose(2, 3) if self.keys_transposed else self.k_cache  # (lanes, nkv, max_len, hd)
+        keys[step.cache_row, :, step.cache_pos] = k.to(self.k_cache.dtype)
         self.v_cache[step.cache_row, :, step.cache_pos] = v.to(self.v_cache.dtype)
         B, _, S, context = step.attn_mask.shape
         if len(q) == B * S:  # every lane got S tokens: the queries are the grid

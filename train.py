@@ -24,7 +24,8 @@ import agent
 import configurator
 import finetune
 from configurator import ConfigError
-from model import (DTYPES, GPT, KERNELS, CheckpointError, GPTConfig, autocast, check_device, cxx_compiler,
+from cpu_kernels import cxx_compiler
+from model import (DTYPES, GPT, KERNELS, CheckpointError, GPTConfig, autocast, check_device,
                    keep_freed_memory, load_checkpoint, resolve_device, resolve_dtype)
 from prepare_data import DATASETS, ShardError, read_shard
 
