@@ -62,10 +62,13 @@ void matvec(const int8_t* codes, const float* scale, const float* offset, const 
     }
 }
 
-/* Decode attention for heads of 32, keys stored transposed: for lane b and head h, query s of
-   its n_new[b] attends keys 0..len[b]+s. q, out (lanes, heads, S, 32); kt (rows, kv_heads, 32,
-   max_len); v (rows, kv_heads, max_len, 32); row[b]: lane b's cache row. Scores for 16 keys a
-   vector (a lane's queries share every key it loads), softmax, then the values. */
+/* Decode attention for heads of 32, keys stored transposed, from the projections on. Lane b's
+   n_new[b] new tokens are rows start .. start + n_new[b] - 1 of q (N, heads, 32) and k, v (N,
+   kv_heads, 32), at positions len[b] .. of cache row row[b]: kt (rows, kv_heads, 32, max_len),
+   vc (rows, kv_heads, max_len, 32). Each token's q and k are rotated by its position's angles
+   (cos, sin (N, 16): the halves of a head rotate together), its k and v written into the cache,
+   then its query s attends keys 0 .. len[b] + s: scores for 16 keys a vector (a lane's queries
+   share every key it loads), softmax, then the values, into out (N, heads, 32). */
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #include <math.h>
@@ -87,27 +90,27 @@ static inline __m512 exp_nonpositive(__m512 x) {  /* e^x for x <= 0: 2^n e^r, |r
     return _mm512_scalef_ps(p, n);
 }
 
-/* ns (<= CHUNK) queries at positions len .. len + ns - 1 of one lane and head */
+/* ns (<= CHUNK) queries of one lane and head, `stride` floats apart, at positions len .. len + ns - 1 */
 static inline __attribute__((always_inline)) void attend_queries(const float* Q, const float* K, const float* V,
-        float* O, int64_t len, int64_t L, float* p, const int ns) {
-    int64_t n = len + ns, stride = (n + 15) & ~15;  /* p: ns rows of scores */
+        float* O, int64_t stride_q, int64_t len, int64_t L, float* p, const int ns) {
+    int64_t n = len + ns, width = (n + 15) & ~15;  /* p: ns rows of scores */
     for (int64_t j0 = 0; j0 < n; j0 += 16) {
         __m512 acc[CHUNK];
         for (int s = 0; s < ns; s++) acc[s] = _mm512_setzero_ps();
         __mmask16 inside = j0 + 16 <= L ? 0xffff : (__mmask16)((1u << (L - j0)) - 1);  /* the row's end */
         for (int d = 0; d < 32; d++) {
             __m512 keys = _mm512_maskz_loadu_ps(inside, K + d * L + j0);
-            for (int s = 0; s < ns; s++) acc[s] = _mm512_fmadd_ps(_mm512_set1_ps(Q[s * 32 + d]), keys, acc[s]);
+            for (int s = 0; s < ns; s++) acc[s] = _mm512_fmadd_ps(_mm512_set1_ps(Q[s * stride_q + d]), keys, acc[s]);
         }
         for (int s = 0; s < ns; s++)
-            _mm512_storeu_ps(p + s * stride + j0, _mm512_mul_ps(acc[s], _mm512_set1_ps(0.17677669529663687f)));
+            _mm512_storeu_ps(p + s * width + j0, _mm512_mul_ps(acc[s], _mm512_set1_ps(0.17677669529663687f)));
     }
     __m512 o[CHUNK][2];
     float total[CHUNK];
     for (int s = 0; s < ns; s++) {
-        float* ps = p + s * stride;
+        float* ps = p + s * width;
         int64_t m = len + s + 1;  /* the keys query s sees */
-        for (int64_t j = m; j < stride; j++) ps[j] = -INFINITY;
+        for (int64_t j = m; j < width; j++) ps[j] = -INFINITY;
         __m512 top = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
         for (int64_t j = 0; j < m; j += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(ps + j));
         __m512 most = _mm512_set1_ps(_mm512_reduce_max_ps(top));
@@ -117,55 +120,87 @@ static inline __attribute__((always_inline)) void attend_queries(const float* Q,
             _mm512_storeu_ps(ps + j, e);
             sum = _mm512_add_ps(sum, e);
         }
-        for (int64_t j = (m + 15) & ~15; j < stride; j++) ps[j] = 0;  /* keys the next queries see */
+        for (int64_t j = (m + 15) & ~15; j < width; j++) ps[j] = 0;  /* keys the next queries see */
         total[s] = _mm512_reduce_add_ps(sum);
         o[s][0] = o[s][1] = _mm512_setzero_ps();
     }
     for (int64_t j = 0; j < n; j++) {  /* past a query's keys its weights are 0 */
         __m512 v0 = _mm512_loadu_ps(V + j * 32), v1 = _mm512_loadu_ps(V + j * 32 + 16);
         for (int s = 0; s < ns; s++) {
-            __m512 w = _mm512_set1_ps(p[s * stride + j]);
+            __m512 w = _mm512_set1_ps(p[s * width + j]);
             o[s][0] = _mm512_fmadd_ps(w, v0, o[s][0]);
             o[s][1] = _mm512_fmadd_ps(w, v1, o[s][1]);
         }
     }
     for (int s = 0; s < ns; s++) {
         __m512 inverse = _mm512_set1_ps(1.0f / total[s]);
-        _mm512_storeu_ps(O + s * 32, _mm512_mul_ps(o[s][0], inverse));
-        _mm512_storeu_ps(O + s * 32 + 16, _mm512_mul_ps(o[s][1], inverse));
+        _mm512_storeu_ps(O + s * stride_q, _mm512_mul_ps(o[s][0], inverse));
+        _mm512_storeu_ps(O + s * stride_q + 16, _mm512_mul_ps(o[s][1], inverse));
     }
 }
 
-void attend(const float* q, const float* kt, const float* v, const int64_t* row, const int64_t* len,
-            const int64_t* n_new, float* out, int64_t lanes, int64_t heads, int64_t kv_heads, int64_t S,
-            int64_t max_len, int threads) {
+static inline void rotate(float* out, const float* x, const float* cos, const float* sin) {  /* a head of 32 */
+    __m512 x1 = _mm512_loadu_ps(x), x2 = _mm512_loadu_ps(x + 16);
+    __m512 c = _mm512_loadu_ps(cos), s = _mm512_loadu_ps(sin);
+    _mm512_storeu_ps(out, _mm512_sub_ps(_mm512_mul_ps(x1, c), _mm512_mul_ps(x2, s)));
+    _mm512_storeu_ps(out + 16, _mm512_add_ps(_mm512_mul_ps(x1, s), _mm512_mul_ps(x2, c)));
+}
+
+void attend(const float* q, const float* k, const float* v, const float* cos, const float* sin, float* kt,
+            float* vc, const int64_t* row, const int64_t* len, const int64_t* n_new, float* out,
+            int64_t lanes, int64_t heads, int64_t kv_heads, int64_t max_len, int threads) {
+    int64_t* start = malloc(sizeof(int64_t) * (lanes + 1));  /* lane b's first token */
+    int64_t most = 0;                                           /* the most tokens a lane has */
+    start[0] = 0;
+    for (int64_t b = 0; b < lanes; b++) {
+        start[b + 1] = start[b] + n_new[b];
+        most = n_new[b] > most ? n_new[b] : most;
+    }
     #pragma omp parallel num_threads(threads)
     {
         float* p = malloc(sizeof(float) * CHUNK * (max_len + 16));
-        #pragma omp for schedule(dynamic, 16)
-        for (int64_t bh = 0; bh < lanes * heads; bh++) {
-            int64_t b = bh / heads, kv = row[b] * kv_heads + bh % heads / (heads / kv_heads);
-            const float* K = kt + kv * 32 * max_len;
-            const float* V = v + kv * max_len * 32;
-            for (int64_t s0 = 0; s0 < n_new[b]; s0 += CHUNK) {
-                const float* Q = q + (bh * S + s0) * 32;
-                float* O = out + (bh * S + s0) * 32;
-                int64_t len0 = len[b] + s0, ns = n_new[b] - s0 < CHUNK ? n_new[b] - s0 : CHUNK;
-                switch (ns) {  /* a constant count: the accumulators stay in registers */
-                    case 1: attend_queries(Q, K, V, O, len0, max_len, p, 1); break;
-                    case 2: attend_queries(Q, K, V, O, len0, max_len, p, 2); break;
-                    case 3: attend_queries(Q, K, V, O, len0, max_len, p, 3); break;
-                    case 4: attend_queries(Q, K, V, O, len0, max_len, p, 4); break;
-                    case 5: attend_queries(Q, K, V, O, len0, max_len, p, 5); break;
-                    case 6: attend_queries(Q, K, V, O, len0, max_len, p, 6); break;
-                    case 7: attend_queries(Q, K, V, O, len0, max_len, p, 7); break;
-                    case 8: attend_queries(Q, K, V, O, len0, max_len, p, 8); break;
-                    default: attend_queries(Q, K, V, O, len0, max_len, p, 9); break;
+        float* rotated = malloc(sizeof(float) * (most * heads * 32 + 32));  /* a lane's queries, then a key */
+        #pragma omp for schedule(dynamic, 8)
+        for (int64_t b = 0; b < lanes; b++) {
+            for (int64_t t = start[b]; t < start[b + 1]; t++) {  /* rotate, and write the cache */
+                int64_t s = t - start[b], pos = len[b] + s;
+                for (int64_t h = 0; h < heads; h++)
+                    rotate(rotated + (s * heads + h) * 32, q + (t * heads + h) * 32, cos + t * 16, sin + t * 16);
+                for (int64_t h = 0; h < kv_heads; h++) {
+                    float* key = rotated + most * heads * 32;
+                    rotate(key, k + (t * kv_heads + h) * 32, cos + t * 16, sin + t * 16);
+                    int64_t at = row[b] * kv_heads + h;
+                    for (int d = 0; d < 32; d++) kt[(at * 32 + d) * max_len + pos] = key[d];
+                    for (int d = 0; d < 32; d++) vc[(at * max_len + pos) * 32 + d] = v[(t * kv_heads + h) * 32 + d];
+                }
+            }
+            for (int64_t h = 0; h < heads; h++) {
+                int64_t at = row[b] * kv_heads + h / (heads / kv_heads);
+                const float* K = kt + at * 32 * max_len;
+                const float* V = vc + at * max_len * 32;
+                for (int64_t s0 = 0; s0 < n_new[b]; s0 += CHUNK) {
+                    int64_t t = start[b] + s0, ns = n_new[b] - s0 < CHUNK ? n_new[b] - s0 : CHUNK;
+                    const float* Q = rotated + (s0 * heads + h) * 32;
+                    float* O = out + (t * heads + h) * 32;
+                    int64_t stride = heads * 32, len0 = len[b] + s0;
+                    switch (ns) {  /* a constant count: the accumulators stay in registers */
+                        case 1: attend_queries(Q, K, V, O, stride, len0, max_len, p, 1); break;
+                        case 2: attend_queries(Q, K, V, O, stride, len0, max_len, p, 2); break;
+                        case 3: attend_queries(Q, K, V, O, stride, len0, max_len, p, 3); break;
+                        case 4: attend_queries(Q, K, V, O, stride, len0, max_len, p, 4); break;
+                        case 5: attend_queries(Q, K, V, O, stride, len0, max_len, p, 5); break;
+                        case 6: attend_queries(Q, K, V, O, stride, len0, max_len, p, 6); break;
+                        case 7: attend_queries(Q, K, V, O, stride, len0, max_len, p, 7); break;
+                        case 8: attend_queries(Q, K, V, O, stride, len0, max_len, p, 8); break;
+                        default: attend_queries(Q, K, V, O, stride, len0, max_len, p, 9); break;
+                    }
                 }
             }
         }
         free(p);
+        free(rotated);
     }
+    free(start);
 }
 #else
 int has_attend(void) { return 0; }
@@ -199,7 +234,7 @@ def build():
                 return None
             library.matvec.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_int]
             if library.has_attend():
-                library.attend.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 5 + [ctypes.c_int]
+                library.attend.argtypes = [ctypes.c_void_p] * 11 + [ctypes.c_int64] * 4 + [ctypes.c_int]
             return library
     return None
 
@@ -250,15 +285,17 @@ def attends(device, dtype, head_dim):
             and library() is not None and bool(library().has_attend()))
 
 
-def attend(q, k_transposed, v, rows, lengths, n_new):
-    """q (lanes, heads, S, 32): each lane's first n_new[b] queries, at positions lengths[b] + s
-    of cache row rows[b]; k_transposed (rows, kv_heads, 32, max_len), v (rows, kv_heads, max_len,
-    32) -> (lanes, heads, S, 32); a lane's queries past n_new[b] are left unwritten."""
-    q = q.contiguous()
+def attend(q, k, v, cos, sin, k_transposed, v_cache, rows, lengths, n_new):
+    """A decode step's attention from its projections: lane b's n_new[b] tokens, in lane order,
+    are rows of q (N, heads * 32), k, v (N, kv_heads * 32), at positions lengths[b] .. of cache
+    row rows[b]. Rotates q and k by cos, sin (N, 16), writes k and v into k_transposed (rows,
+    kv_heads, 32, max_len) and v_cache (rows, kv_heads, max_len, 32) -> (N, heads * 32)."""
+    q, k, v, cos, sin = (t.contiguous() for t in (q, k, v, cos, sin))
     out = torch.empty_like(q)
     rows, lengths, n_new = (t.to(torch.int64).contiguous() for t in (rows, lengths, n_new))
-    lanes, heads, S, _ = q.shape
-    library().attend(q.data_ptr(), k_transposed.data_ptr(), v.data_ptr(), rows.data_ptr(), lengths.data_ptr(),
-                     n_new.data_ptr(), out.data_ptr(), lanes, heads, v.size(1), S, v.size(2),
+    kv_heads, max_len = v_cache.size(1), v_cache.size(2)
+    library().attend(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                     k_transposed.data_ptr(), v_cache.data_ptr(), rows.data_ptr(), lengths.data_ptr(),
+                     n_new.data_ptr(), out.data_ptr(), len(n_new), q.size(1) // 32, kv_heads, max_len,
                      torch.get_num_threads())
     return out

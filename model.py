@@ -355,15 +355,24 @@ class RMSNorm(nn.Module):
 @dataclass
 class DecodeStep:
     """Where the new tokens of one decode call go, computed once for every layer. The layers
-    run on the N real tokens only (a lane given fewer than S leaves padding out); attention
-    lays their queries out as a (B, S) grid over the lanes' cache rows."""
+    run on the N real tokens only, lane by lane (a lane given fewer than S leaves padding out);
+    PyTorch's attention lays their queries out as a (B, S) grid over the lanes' cache rows."""
     slot: torch.Tensor       # (N,) each real token's place in the flattened (B, S) grid
     cache_row: torch.Tensor  # (N,) its lane's cache row
     cache_pos: torch.Tensor  # (N,) its position, where its key and value are written
-    attn_mask: torch.Tensor  # (B, 1, S, context) which cached keys each query of the grid sees
     lengths: torch.Tensor    # (B,) each lane's cached tokens before these
     n_new: torch.Tensor      # (B,) its real new tokens: the first n_new[b] of its S
+    S: int                   # the grid's width
     rows: torch.Tensor = None  # the cache rows of the B lanes (None: every row)
+
+    def lane_rows(self):
+        return torch.arange(len(self.n_new), device=self.n_new.device) if self.rows is None else self.rows
+
+    def attn_mask(self):
+        """(B, 1, S, context): which cached keys each query of the grid sees."""
+        grid_pos = self.lengths[:, None] + torch.arange(self.S, device=self.lengths.device)   # (B, S)
+        keys = torch.arange(int((self.lengths + self.n_new).max()), device=grid_pos.device)
+        return (keys[None, None, :] <= grid_pos[:, :, None])[:, None]
 
 
 class CausalSelfAttention(nn.Module):
@@ -393,11 +402,16 @@ class CausalSelfAttention(nn.Module):
         if step is not None:  # (N, C): the real new tokens of cached lanes
             N, C = x.shape
             q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj), self.low_bits_qkv)
-            q = q.view(N, self.n_head, self.head_dim)
-            k = k.view(N, self.n_kv_head, self.head_dim)
-            v = v.view(N, self.n_kv_head, self.head_dim)
-            q, k = self.ops.rope(q, k, cos, sin)
-            return project(self.attend_cache(q, k, v, step).to(x.dtype), (self.o_proj,), self.low_bits_out)
+            if self.keys_transposed:  # rotation, cache writes and attention in one C loop
+                y = cpu_kernels.attend(q.float(), k.float(), v.float(), cos, sin, self.k_cache, self.v_cache,
+                                       step.lane_rows(), step.lengths, step.n_new)
+            else:
+                q = q.view(N, self.n_head, self.head_dim)
+                k = k.view(N, self.n_kv_head, self.head_dim)
+                v = v.view(N, self.n_kv_head, self.head_dim)
+                q, k = self.ops.rope(q, k, cos, sin)
+                y = self.attend_cache(q, k, v, step)
+            return project(y.to(x.dtype), (self.o_proj,), self.low_bits_out)
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
@@ -422,10 +436,10 @@ class CausalSelfAttention(nn.Module):
     def attend_cache(self, q, k, v, step):
         """Write the new keys and values (N, nkv, hd) into their lanes' cache rows, then attend
         over them from the queries (N, nh, hd) -> (N, nh * hd)."""
-        keys = self.k_cache.transpose(2, 3) if self.keys_transposed else self.k_cache  # (lanes, nkv, max_len, hd)
-        keys[step.cache_row, :, step.cache_pos] = k.to(self.k_cache.dtype)
+        self.k_cache[step.cache_row, :, step.cache_pos] = k.to(self.k_cache.dtype)
         self.v_cache[step.cache_row, :, step.cache_pos] = v.to(self.v_cache.dtype)
-        B, _, S, context = step.attn_mask.shape
+        attn_mask = step.attn_mask()
+        B, _, S, context = attn_mask.shape
         if len(q) == B * S:  # every lane got S tokens: the queries are the grid
             grid = q
         else:  # padding queries are zeros; what they attend to is dropped below
@@ -433,18 +447,13 @@ class CausalSelfAttention(nn.Module):
             grid[step.slot] = q
         # under autocast the projections come out in bfloat16: attend in the cache's dtype
         grid = grid.view(B, S, self.n_head, self.head_dim).transpose(1, 2).to(self.v_cache.dtype)
-        if self.keys_transposed:
-            rows = torch.arange(B, device=q.device) if step.rows is None else step.rows
-            y = cpu_kernels.attend(grid, self.k_cache, self.v_cache, rows, step.lengths, step.n_new)
-        else:
-            rows = slice(None) if step.rows is None else step.rows
-            k, v = self.k_cache[rows, :, :context], self.v_cache[rows, :, :context]
-            # CPU's attention serves each kv head to its query heads itself; CUDA's masked one copies
-            shared = k.device.type == 'cpu' and self.n_head > self.n_kv_head
-            if not shared:
-                k, v = self.share_kv(k), self.share_kv(v)
-            y = F.scaled_dot_product_attention(grid, k, v, attn_mask=step.attn_mask,
-                                               enable_gqa=shared)                    # (B, nh, S, hd)
+        rows = slice(None) if step.rows is None else step.rows
+        k, v = self.k_cache[rows, :, :context], self.v_cache[rows, :, :context]
+        # CPU's attention serves each kv head to its query heads itself; CUDA's masked one copies
+        shared = k.device.type == 'cpu' and self.n_head > self.n_kv_head
+        if not shared:
+            k, v = self.share_kv(k), self.share_kv(v)
+        y = F.scaled_dot_product_attention(grid, k, v, attn_mask=attn_mask, enable_gqa=shared)  # (B, nh, S, hd)
         y = y.transpose(1, 2).reshape(B * S, self.n_head * self.head_dim)
         return y if len(q) == B * S else y[step.slot]
 
@@ -650,10 +659,8 @@ class GPT(nn.Module):
         grid_pos = lengths[:, None] + steps                                           # (B, S)
         slot = (steps[None, :] < n_new[:, None]).flatten().nonzero().squeeze(1)      # (N,) real tokens
         lane, pos = slot // S, grid_pos.flatten()[slot]
-        keys = torch.arange(context, device=device)
-        step = DecodeStep(slot=slot, cache_row=lane if rows is None else rows[lane], cache_pos=pos, rows=rows,
-                          lengths=lengths, n_new=n_new,
-                          attn_mask=(keys[None, None, :] <= grid_pos[:, :, None])[:, None])
+        step = DecodeStep(slot=slot, cache_row=lane if rows is None else rows[lane], cache_pos=pos,
+                          lengths=lengths, n_new=n_new, S=S, rows=rows)
         cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]            # (N, 1, hd/2)
         x = self.embed(idx.flatten()[slot])                                            # (N, C)
         for block in self.blocks:

@@ -1,39 +1,54 @@
-"""cpu_kernels.py's decode attention against PyTorch's scaled_dot_product_attention, on caches of
-random keys and values: lanes of different lengths, several new tokens a lane (more than one
-pass of nine), none, grouped kv heads, and rows that end off a vector's width."""
+"""cpu_kernels.py's decode attention against model.py's rotation and PyTorch's
+scaled_dot_product_attention, on caches of random keys and values: lanes of different lengths,
+several new tokens a lane (more than one pass of nine), none, grouped kv heads, and rows that end
+off a vector's width."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import cpu_kernels
+from model import apply_rope, rope_table
 
 needs_attend = pytest.mark.skipif(not cpu_kernels.attends('cpu', torch.float32, 32),
                                   reason='needs the C loops built, on a CPU with AVX-512')
 
 
-def reference(q, k, v, lengths, n_new):
-    """Each lane's queries at positions lengths[b] + s over keys 0..that position."""
-    S = q.size(2)
-    positions = (lengths[:, None] + torch.arange(S)).clamp(max=k.size(2) - 1)  # (B, S); past n_new: unused
-    context = int(positions.max()) + 1
-    mask = (torch.arange(context)[None, None, :] <= positions[:, :, None])[:, None]
-    return F.scaled_dot_product_attention(q, k[:, :, :context], v[:, :, :context], attn_mask=mask,
-                                          enable_gqa=True)
+def reference(q, k, v, cos, sin, k_cache, v_cache, rows, lengths, n_new):
+    """model.py's way: rotate, write the cache rows, then each lane's queries over keys up to
+    their own positions -> (out (N, heads * 32), the caches written)."""
+    N, heads, kv_heads = q.size(0), q.size(1) // 32, k.size(1) // 32
+    q = apply_rope(q.view(N, heads, 32), cos[:, None], sin[:, None])
+    k = apply_rope(k.view(N, kv_heads, 32), cos[:, None], sin[:, None])
+    lane = torch.repeat_interleave(torch.arange(len(n_new)), n_new)
+    pos = lengths[lane] + torch.arange(N) - (n_new.cumsum(0) - n_new)[lane]
+    k_cache, v_cache = k_cache.clone(), v_cache.clone()
+    k_cache[rows[lane], :, pos] = k
+    v_cache[rows[lane], :, pos] = v.view(N, kv_heads, 32)
+    out = torch.empty(N, heads, 32)
+    for t in range(N):
+        keys, values = k_cache[rows[lane[t]], :, :pos[t] + 1], v_cache[rows[lane[t]], :, :pos[t] + 1]
+        out[t] = F.scaled_dot_product_attention(q[t][:, None], keys, values, enable_gqa=True)[:, 0]
+    return out.view(N, heads * 32), k_cache, v_cache
 
 
 @needs_attend
 @pytest.mark.parametrize('heads,kv_heads,max_len', [(2, 2, 64), (4, 2, 90), (6, 3, 37)])
-def test_attend_is_pytorchs_attention(heads, kv_heads, max_len):
+def test_attend_is_rope_then_pytorchs_attention(heads, kv_heads, max_len):
     torch.manual_seed(heads + max_len)
-    B, S = 7, 12
-    k = torch.randn(B + 2, kv_heads, max_len, 32)  # two rows no lane reads
-    v = torch.randn(B + 2, kv_heads, max_len, 32)
+    k_cache = torch.randn(9, kv_heads, max_len, 32)  # two rows no lane reads
+    v_cache = torch.randn(9, kv_heads, max_len, 32)
     rows = torch.tensor([8, 0, 3, 1, 2, 7, 5])    # lane b's cache row
     n_new = torch.tensor([12, 1, 9, 0, 10, 3, 1])
     lengths = torch.tensor([0, max_len - 1, 20, 5, max_len - 12, 1, 30])
-    q = torch.randn(B, heads, S, 32)
-    out = cpu_kernels.attend(q, k.transpose(2, 3).contiguous(), v, rows, lengths, n_new)
-    expected = reference(q, k[rows], v[rows], lengths, n_new)
-    for b in range(B):
-        n = int(n_new[b])
-        torch.testing.assert_close(out[b, :, :n], expected[b, :, :n], rtol=1e-5, atol=2e-6)
+    N = int(n_new.sum())
+    q, k, v = torch.randn(N, heads * 32), torch.randn(N, kv_heads * 32), torch.randn(N, kv_heads * 32)
+    lane = torch.repeat_interleave(torch.arange(7), n_new)
+    pos = lengths[lane] + torch.arange(N) - (n_new.cumsum(0) - n_new)[lane]
+    cos, sin = (table[pos] for table in rope_table(32, max_len, 10000.0))
+    expected, k_expected, v_expected = reference(q, k, v, cos, sin, k_cache, v_cache, rows, lengths, n_new)
+    k_transposed, inputs = k_cache.transpose(2, 3).contiguous(), (q.clone(), k.clone(), v.clone())
+    out = cpu_kernels.attend(q, k, v, cos, sin, k_transposed, v_cache, rows, lengths, n_new)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(k_transposed.transpose(2, 3), k_expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(v_cache, v_expected)  # written where the new tokens go, and nowhere else
+    assert all(torch.equal(a, b) for a, b in zip((q, k, v), inputs))  # the inputs are left as they were
