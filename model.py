@@ -363,10 +363,8 @@ class DecodeStep:
     lengths: torch.Tensor    # (B,) each lane's cached tokens before these
     n_new: torch.Tensor      # (B,) its real new tokens: the first n_new[b] of its S
     S: int                   # the grid's width
-    rows: torch.Tensor = None  # the cache rows of the B lanes (None: every row)
-
-    def lane_rows(self):
-        return torch.arange(len(self.n_new), device=self.n_new.device) if self.rows is None else self.rows
+    rows: torch.Tensor       # (B,) the lanes' cache rows
+    all_rows: bool           # rows is every cache row, in order
 
     def attn_mask(self):
         """(B, 1, S, context): which cached keys each query of the grid sees."""
@@ -404,7 +402,7 @@ class CausalSelfAttention(nn.Module):
             q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj), self.low_bits_qkv)
             if self.keys_transposed:  # rotation, cache writes and attention in one C loop
                 y = cpu_kernels.attend(q.float(), k.float(), v.float(), cos, sin, self.k_cache, self.v_cache,
-                                       step.lane_rows(), step.lengths, step.n_new)
+                                       step.rows, step.lengths, step.n_new)
             else:
                 q = q.view(N, self.n_head, self.head_dim)
                 k = k.view(N, self.n_kv_head, self.head_dim)
@@ -430,8 +428,11 @@ class CausalSelfAttention(nn.Module):
         # on CPU cpu_kernels.attend reads 16 keys a vector: positions last, one key's dims apart
         self.keys_transposed = cpu_kernels.attends(device, dtype, self.head_dim)
         k_shape = (batch_size, self.n_kv_head, self.head_dim, max_len) if self.keys_transposed else shape
-        self.k_cache = torch.zeros(k_shape, device=device, dtype=dtype)
-        self.v_cache = torch.zeros(shape, device=device, dtype=dtype)
+        # PyTorch's attention reads whole rows (masking what no token wrote); the C loop only
+        # what was written, so its cache needs no zeros
+        new = torch.empty if self.keys_transposed else torch.zeros
+        self.k_cache = new(k_shape, device=device, dtype=dtype)
+        self.v_cache = new(shape, device=device, dtype=dtype)
 
     def attend_cache(self, q, k, v, step):
         """Write the new keys and values (N, nkv, hd) into their lanes' cache rows, then attend
@@ -447,7 +448,7 @@ class CausalSelfAttention(nn.Module):
             grid[step.slot] = q
         # under autocast the projections come out in bfloat16: attend in the cache's dtype
         grid = grid.view(B, S, self.n_head, self.head_dim).transpose(1, 2).to(self.v_cache.dtype)
-        rows = slice(None) if step.rows is None else step.rows
+        rows = slice(None) if step.all_rows else step.rows
         k, v = self.k_cache[rows, :, :context], self.v_cache[rows, :, :context]
         # CPU's attention serves each kv head to its query heads itself; CUDA's masked one copies
         shared = k.device.type == 'cpu' and self.n_head > self.n_kv_head
@@ -623,13 +624,18 @@ class GPT(nn.Module):
         for block in self.blocks:
             block.attn.setup_cache(batch_size, max_len, weight.device, dtype or weight.dtype)
         self.cache_lengths = torch.zeros(batch_size, dtype=torch.long, device=weight.device)
+        self.cache_rows = torch.arange(batch_size, device=weight.device)  # each lane's cache row
         self.cache_max_len = max_len
 
     def keep_lanes(self, keep):
-        """Drop the cache rows where keep (bool per row) is false: finished lanes cost nothing."""
-        for block in self.blocks:
-            block.attn.k_cache, block.attn.v_cache = block.attn.k_cache[keep], block.attn.v_cache[keep]
-        self.cache_lengths = self.cache_lengths[keep]
+        """Drop the lanes where keep (bool per lane) is false: finished lanes cost nothing. The C
+        attention finds a lane's row through cache_rows, so only that shrinks; PyTorch's reads
+        the rows in order, so the kept ones are copied together."""
+        self.cache_lengths, self.cache_rows = self.cache_lengths[keep], self.cache_rows[keep]
+        if not self.blocks[0].attn.keys_transposed:
+            for block in self.blocks:
+                block.attn.k_cache, block.attn.v_cache = block.attn.k_cache[keep], block.attn.v_cache[keep]
+            self.cache_rows = torch.arange(len(self.cache_rows), device=self.cache_rows.device)
 
     @torch.no_grad()
     def prefill(self, idx, lengths):
@@ -644,7 +650,7 @@ class GPT(nn.Module):
         or with every=True after each new token (B, S, vocab): a draft checked in one pass.
 
         idx (B, S): lane b's first n_new[b] tokens are real (all S when None), the rest padding;
-        a lane given none adds nothing. rows: the cache rows of these B lanes (None: every row),
+        a lane given none adds nothing. rows: which of the cache's lanes these B are (None: all),
         so splicing a tool's answer into a few lanes computes those lanes only. Lowering
         cache_lengths afterwards takes tokens back out: the next ones overwrite them.
         """
@@ -659,8 +665,9 @@ class GPT(nn.Module):
         grid_pos = lengths[:, None] + steps                                           # (B, S)
         slot = (steps[None, :] < n_new[:, None]).flatten().nonzero().squeeze(1)      # (N,) real tokens
         lane, pos = slot // S, grid_pos.flatten()[slot]
-        step = DecodeStep(slot=slot, cache_row=lane if rows is None else rows[lane], cache_pos=pos,
-                          lengths=lengths, n_new=n_new, S=S, rows=rows)
+        cache_rows = self.cache_rows if rows is None else self.cache_rows[rows]
+        step = DecodeStep(slot=slot, cache_row=cache_rows[lane], cache_pos=pos, lengths=lengths, n_new=n_new,
+                          S=S, rows=cache_rows, all_rows=rows is None and len(cache_rows) == len(self.blocks[0].attn.v_cache))
         cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]            # (N, 1, hd/2)
         x = self.embed(idx.flatten()[slot])                                            # (N, C)
         for block in self.blocks:

@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import cpu_kernels
 from model import GPT, GPTConfig
 
 
@@ -182,9 +183,10 @@ def test_bfloat16_kv_cache_stays_close_to_float32():
             torch.testing.assert_close(logits[b], full[b, length[b] - 1], rtol=2e-2, atol=2e-2)
 
 
-def test_decoding_a_few_rows_and_dropping_lanes_keeps_every_lane_exact():
+@pytest.mark.parametrize('n_embd', [32, 128])  # heads of 8: PyTorch's attention; of 32: the C loop's where it builds
+def test_decoding_a_few_rows_and_dropping_lanes_keeps_every_lane_exact(n_embd):
     """agent.py splices a tool's answer into a few lanes only, and drops finished lanes."""
-    model = tiny().eval()
+    model = tiny(n_embd=n_embd).eval()
     idx = torch.randint(0, 50, (4, 40))
     full, _ = model(idx)
     model.setup_cache(4, 48)
@@ -203,6 +205,12 @@ def test_decoding_a_few_rows_and_dropping_lanes_keeps_every_lane_exact():
     logits = model.decode(idx[lanes].gather(1, length[lanes, None]))
     for i, b in enumerate(lanes.tolist()):
         torch.testing.assert_close(logits[i], full[b, length[b]], rtol=1e-5, atol=1e-5)
+    length[lanes] += 1
+    rows = torch.tensor([0, 2])  # of the lanes kept: lanes 0 and 3
+    logits = model.decode(idx[lanes[rows]].gather(1, length[lanes[rows], None] + torch.arange(3)), rows=rows)
+    for i, b in enumerate(lanes[rows].tolist()):
+        torch.testing.assert_close(logits[i], full[b, length[b] + 2], rtol=1e-5, atol=1e-5)
+    assert model.blocks[0].attn.keys_transposed == (n_embd == 128 and cpu_kernels.attends('cpu', torch.float32, 32))
 
 
 def test_checkpoints_load_as_plain_values_and_pickled_objects_are_refused(tmp_path):
