@@ -4,8 +4,10 @@ compiler torch.compile uses and called through ctypes on torch's thread count. W
 build (no compiler) or the CPU lacks AVX-512 (attend), model.py runs its PyTorch math.
 
     matvec   one row times a weight kept as low-bit blocks (lowbit.py): a byte a value
-    attend   attention of a decode step over the KV cache, for heads of 32 (the paper's models):
-             model.py's setup_cache then stores the keys transposed (lanes, kv heads, 32, positions)
+    attend   attention of a decode step over the KV cache, for heads of 32 (the paper's models),
+             from the projections on: rotation, cache writes, attention. model.py's setup_cache
+             then stores the keys transposed (lanes, kv heads, 32, positions)
+    rms_norm, add_rms_norm, swiglu   the rest of such a step (model.py's functions of those names)
 
 attend: at 1024 lanes, 2 heads, ~140 cached tokens, 2 AMD EPYC cores, `scaled_dot_product_attention`
 takes 8-9 ms a layer with one query a lane and 11-13 ms with drafts of up to 8 more; this takes
@@ -202,6 +204,54 @@ void attend(const float* q, const float* k, const float* v, const float* cos, co
     }
     free(start);
 }
+
+/* The rest of a decode pass, as model.py's rms_norm, add_rms_norm and swiglu compute it: rows of
+   C values, one thread a row; silu with the polynomial e^x above. */
+static inline float scale_of(const float* x, int64_t C, float eps) {
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t c = 0; c < C; c += 16) {
+        __mmask16 in = c + 16 <= C ? 0xffff : (__mmask16)((1u << (C - c)) - 1);
+        __m512 v = _mm512_maskz_loadu_ps(in, x + c);
+        sum = _mm512_fmadd_ps(v, v, sum);
+    }
+    return 1.0f / sqrtf(_mm512_reduce_add_ps(sum) / C + eps);
+}
+
+static inline void scale_row(const float* x, const float* w, float scale, float* out, int64_t C) {
+    for (int64_t c = 0; c < C; c += 16) {
+        __mmask16 in = c + 16 <= C ? 0xffff : (__mmask16)((1u << (C - c)) - 1);
+        __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(in, x + c), _mm512_set1_ps(scale));
+        _mm512_mask_storeu_ps(out + c, in, _mm512_mul_ps(v, _mm512_maskz_loadu_ps(in, w + c)));
+    }
+}
+
+void rms_norm(const float* x, const float* w, float eps, float* out, int64_t N, int64_t C, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads) if(N * C > 32768)
+    for (int64_t n = 0; n < N; n++) scale_row(x + n * C, w, scale_of(x + n * C, C, eps), out + n * C, C);
+}
+
+void add_rms_norm(const float* x, const float* r, const float* w, float eps, float* sum, float* out, int64_t N,
+                  int64_t C, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads) if(N * C > 32768)
+    for (int64_t n = 0; n < N; n++) {
+        float* row = sum + n * C;
+        for (int64_t c = 0; c < C; c++) row[c] = x[n * C + c] + r[n * C + c];
+        scale_row(row, w, scale_of(row, C, eps), out + n * C, C);
+    }
+}
+
+void swiglu(const float* a, const float* b, float* out, int64_t n, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads) if(n > 32768)
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 in = i + 16 <= n ? 0xffff : (__mmask16)((1u << (n - i)) - 1);
+        __m512 x = _mm512_maskz_loadu_ps(in, a + i);
+        __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(x)));  /* e^-|x| */
+        __mmask16 negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
+        __m512 top = _mm512_mask_mul_ps(x, negative, x, e);  /* silu(x) = x / (1 + e^-x) = x e^x / (1 + e^x) */
+        __m512 silu = _mm512_div_ps(top, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+        _mm512_mask_storeu_ps(out + i, in, _mm512_mul_ps(silu, _mm512_maskz_loadu_ps(in, b + i)));
+    }
+}
 #else
 int has_attend(void) { return 0; }
 #endif
@@ -235,6 +285,10 @@ def build():
             library.matvec.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_int]
             if library.has_attend():
                 library.attend.argtypes = [ctypes.c_void_p] * 11 + [ctypes.c_int64] * 4 + [ctypes.c_int]
+                norm = [ctypes.c_float, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+                library.rms_norm.argtypes = [ctypes.c_void_p] * 2 + norm
+                library.add_rms_norm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_float, ctypes.c_void_p] + norm[1:]
+                library.swiglu.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int]
             return library
     return None
 
@@ -298,4 +352,31 @@ def attend(q, k, v, cos, sin, k_transposed, v_cache, rows, lengths, n_new):
                      k_transposed.data_ptr(), v_cache.data_ptr(), rows.data_ptr(), lengths.data_ptr(),
                      n_new.data_ptr(), out.data_ptr(), len(n_new), q.size(1) // 32, kv_heads, max_len,
                      torch.get_num_threads())
+    return out
+
+
+# The same math as model.py's PyTorch functions of these names, for float32 on CPU and no autograd:
+# model.py's decode runs them where it runs attend (one pass over the rows instead of several ops).
+
+def rms_norm(x, weight, eps):
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    library().rms_norm(x.data_ptr(), weight.data_ptr(), eps, out.data_ptr(), x.numel() // x.size(-1), x.size(-1),
+                       torch.get_num_threads())
+    return out
+
+
+def add_rms_norm(x, residual, weight, eps):
+    """-> (x + residual, rms_norm(x + residual))."""
+    x, residual = x.contiguous(), residual.contiguous()
+    total, out = torch.empty_like(x), torch.empty_like(x)
+    library().add_rms_norm(x.data_ptr(), residual.data_ptr(), weight.data_ptr(), eps, total.data_ptr(),
+                           out.data_ptr(), x.numel() // x.size(-1), x.size(-1), torch.get_num_threads())
+    return total, out
+
+
+def swiglu(a, b):
+    a, b = a.contiguous(), b.contiguous()
+    out = torch.empty_like(a)
+    library().swiglu(a.data_ptr(), b.data_ptr(), out.data_ptr(), a.numel(), torch.get_num_threads())
     return out

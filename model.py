@@ -365,6 +365,7 @@ class DecodeStep:
     S: int                   # the grid's width
     rows: torch.Tensor       # (B,) the lanes' cache rows
     all_rows: bool           # rows is every cache row, in order
+    ops: object              # what computes norms and SwiGLU: cpu_kernels where it attends, else TORCH_OPS
 
     def attn_mask(self):
         """(B, 1, S, context): which cached keys each query of the grid sees."""
@@ -468,9 +469,9 @@ class MLP(nn.Module):
         self.ops = TORCH_OPS
         self.low_bits_gate_up = self.low_bits_down = None  # lowbit.py's copies, for decoding
 
-    def forward(self, x):
+    def forward(self, x, ops=None):
         gate, up = project(x, (self.gate_proj, self.up_proj), self.low_bits_gate_up)
-        return project(self.ops.swiglu(gate, up), (self.down_proj,), self.low_bits_down)
+        return project((ops or self.ops).swiglu(gate, up), (self.down_proj,), self.low_bits_down)
 
 
 class Block(nn.Module):
@@ -484,11 +485,12 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, layout=None, step=None, keep=None):
         """keep: the rows whose output is needed (all when None); attention still reads every row."""
-        y = self.attn(self.attn_norm(x), cos, sin, layout, step)
+        ops = self.ops if step is None else step.ops
+        y = self.attn(ops.rms_norm(x, self.attn_norm.weight, self.attn_norm.eps), cos, sin, layout, step)
         if keep is not None:
             x, y = x[keep], y[keep]
-        x, h = self.ops.add_rms_norm(x, y, self.mlp_norm.weight, self.mlp_norm.eps)  # one pass over x
-        return x + self.mlp(h)
+        x, h = ops.add_rms_norm(x, y, self.mlp_norm.weight, self.mlp_norm.eps)  # one pass over x
+        return x + self.mlp(h, ops)
 
 
 class GPT(nn.Module):
@@ -666,8 +668,11 @@ class GPT(nn.Module):
         slot = (steps[None, :] < n_new[:, None]).flatten().nonzero().squeeze(1)      # (N,) real tokens
         lane, pos = slot // S, grid_pos.flatten()[slot]
         cache_rows = self.cache_rows if rows is None else self.cache_rows[rows]
+        attn = self.blocks[0].attn
+        in_c = attn.keys_transposed and not torch.is_autocast_enabled(device.type)  # float32 throughout
         step = DecodeStep(slot=slot, cache_row=cache_rows[lane], cache_pos=pos, lengths=lengths, n_new=n_new,
-                          S=S, rows=cache_rows, all_rows=rows is None and len(cache_rows) == len(self.blocks[0].attn.v_cache))
+                          S=S, rows=cache_rows, all_rows=rows is None and len(cache_rows) == len(attn.v_cache),
+                          ops=cpu_kernels if in_c else self.ops)
         cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]            # (N, 1, hd/2)
         x = self.embed(idx.flatten()[slot])                                            # (N, C)
         for block in self.blocks:
@@ -676,11 +681,12 @@ class GPT(nn.Module):
             self.cache_lengths += n_new
         else:
             self.cache_lengths[rows] += n_new
+        norm = lambda x: step.ops.rms_norm(x, self.norm.weight, self.norm.eps)
         if every:
-            logits = self.lm_head(self.norm(x))
+            logits = self.lm_head(norm(x))
             return logits.new_zeros(B * S, logits.size(-1)).index_copy_(0, slot, logits).view(B, S, -1)
         last = (n_new.cumsum(0) - 1).clamp(min=0)      # each lane's last real token (N >= 1)
-        return project(self.norm(x[last]), (self.lm_head,), self.low_bits_head)
+        return project(norm(x[last]), (self.lm_head,), self.low_bits_head)
 
     # ------------------------------------------------------------------------------------------
     # Training helpers

@@ -52,3 +52,20 @@ def test_attend_is_rope_then_pytorchs_attention(heads, kv_heads, max_len):
     torch.testing.assert_close(k_transposed.transpose(2, 3), k_expected, rtol=1e-6, atol=1e-6)
     assert torch.equal(v_cache, v_expected)  # written where the new tokens go, and nowhere else
     assert all(torch.equal(a, b) for a, b in zip((q, k, v), inputs))  # the inputs are left as they were
+
+
+@needs_attend
+@pytest.mark.parametrize('rows,width', [(1, 64), (37, 72), (3000, 64)])  # 72: a row ending off a vector
+def test_the_rest_of_a_step_is_model_pys_math(rows, width):
+    import model
+    torch.manual_seed(rows)
+    x, residual, weight = torch.randn(rows, width), torch.randn(rows, width), torch.randn(width)
+    torch.testing.assert_close(cpu_kernels.rms_norm(x, weight, 1e-5), model.rms_norm(x, weight, 1e-5))
+    for ours, theirs in zip(cpu_kernels.add_rms_norm(x, residual, weight, 1e-5),
+                            model.add_rms_norm(x, residual, weight, 1e-5)):
+        torch.testing.assert_close(ours, theirs)
+    a = torch.cat([torch.linspace(-100, 100, 4 * width)[None], 5 * torch.randn(rows, 4 * width)])
+    b = torch.randn_like(a)
+    torch.testing.assert_close(cpu_kernels.swiglu(a, b), model.swiglu(a, b), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cpu_kernels.swiglu(a[:, :-3], b[:, :-3]), model.swiglu(a[:, :-3], b[:, :-3]),
+                               rtol=1e-5, atol=1e-6)  # strided, and not a whole vector at the end
