@@ -6,15 +6,15 @@ build (no compiler) or the CPU lacks AVX-512 (attend), model.py runs its PyTorch
     matvec   one row times a weight kept as low-bit blocks (lowbit.py): a byte a value
     attend   attention of a decode step over the KV cache, for heads of 32 (the paper's models),
              from the projections on: rotation, cache writes, attention. model.py's setup_cache
-             then stores the keys transposed (lanes, kv heads, 32, positions)
+             then stores the keys in tiles of 16 positions (key_tiles)
     rms_norm, add_rms_norm, swiglu   the rest of such a step (model.py's functions of those names)
 
 attend: at 1024 lanes, 2 heads, ~140 cached tokens, 2 AMD EPYC cores, `scaled_dot_product_attention`
 takes 8-9 ms a layer with one query a lane and 11-13 ms with drafts of up to 8 more; this takes
 5.3 and 5.7 ms. SDPA spends its time on small matrix products per lane and head; here a lane's
-queries share each vector of 16 keys they load, and the keys' transposed layout makes those
-loads contiguous. Its e^x is a degree-6 polynomial (~1e-7 relative): the outputs agree with
-SDPA's to ~1e-6.
+queries share each vector of 16 keys they load, and the keys' layout, tiles of 16 positions,
+makes a lane's keys one run of memory. Its e^x is a degree-6 polynomial (~1e-7 relative): the
+outputs agree with SDPA's to ~1e-6.
 """
 import ctypes
 import hashlib
@@ -64,10 +64,11 @@ void matvec(const int8_t* codes, const float* scale, const float* offset, const 
     }
 }
 
-/* Decode attention for heads of 32, keys stored transposed, from the projections on. Lane b's
-   n_new[b] new tokens are rows start .. start + n_new[b] - 1 of q (N, heads, 32) and k, v (N,
-   kv_heads, 32), at positions len[b] .. of cache row row[b]: kt (rows, kv_heads, 32, max_len),
-   vc (rows, kv_heads, max_len, 32). Each token's q and k are rotated by its position's angles
+/* Decode attention for heads of 32, keys stored in tiles of 16 positions, from the projections on.
+   Lane b's n_new[b] new tokens are rows start .. start + n_new[b] - 1 of q (N, heads, 32) and k,
+   v (N, kv_heads, 32), at positions len[b] .. of cache row row[b]: kt (rows, kv_heads, tiles, 32,
+   16), a tile's 16 positions last, and vc (rows, kv_heads, max_len, 32): a lane's keys and its
+   values are each one run of memory. Each token's q and k are rotated by its position's angles
    (cos, sin (N, 16): the halves of a head rotate together), its k and v written into the cache,
    then its query s attends keys 0 .. len[b] + s: scores for 16 keys a vector (a lane's queries
    share every key it loads), softmax, then the values, into out (N, heads, 32). */
@@ -94,14 +95,13 @@ static inline __m512 exp_nonpositive(__m512 x) {  /* e^x for x <= 0: 2^n e^r, |r
 
 /* ns (<= CHUNK) queries of one lane and head, `stride` floats apart, at positions len .. len + ns - 1 */
 static inline __attribute__((always_inline)) void attend_queries(const float* Q, const float* K, const float* V,
-        float* O, int64_t stride_q, int64_t len, int64_t L, float* p, const int ns) {
+        float* O, int64_t stride_q, int64_t len, float* p, const int ns) {
     int64_t n = len + ns, width = (n + 15) & ~15;  /* p: ns rows of scores */
     for (int64_t j0 = 0; j0 < n; j0 += 16) {
         __m512 acc[CHUNK];
         for (int s = 0; s < ns; s++) acc[s] = _mm512_setzero_ps();
-        __mmask16 inside = j0 + 16 <= L ? 0xffff : (__mmask16)((1u << (L - j0)) - 1);  /* the row's end */
-        for (int d = 0; d < 32; d++) {
-            __m512 keys = _mm512_maskz_loadu_ps(inside, K + d * L + j0);
+        for (int d = 0; d < 32; d++) {  /* a tile: past the keys written, its scores are dropped below */
+            __m512 keys = _mm512_loadu_ps(K + j0 * 32 + d * 16);
             for (int s = 0; s < ns; s++) acc[s] = _mm512_fmadd_ps(_mm512_set1_ps(Q[s * stride_q + d]), keys, acc[s]);
         }
         for (int s = 0; s < ns; s++)
@@ -153,6 +153,7 @@ void attend(const float* q, const float* k, const float* v, const float* cos, co
             int64_t lanes, int64_t heads, int64_t kv_heads, int64_t max_len, int threads) {
     int64_t* start = malloc(sizeof(int64_t) * (lanes + 1));  /* lane b's first token */
     int64_t most = 0;                                           /* the most tokens a lane has */
+    int64_t tiles = (max_len + 15) / 16;
     start[0] = 0;
     for (int64_t b = 0; b < lanes; b++) {
         start[b + 1] = start[b] + n_new[b];
@@ -172,13 +173,13 @@ void attend(const float* q, const float* k, const float* v, const float* cos, co
                     float* key = rotated + most * heads * 32;
                     rotate(key, k + (t * kv_heads + h) * 32, cos + t * 16, sin + t * 16);
                     int64_t at = row[b] * kv_heads + h;
-                    for (int d = 0; d < 32; d++) kt[(at * 32 + d) * max_len + pos] = key[d];
+                    for (int d = 0; d < 32; d++) kt[((at * tiles + pos / 16) * 32 + d) * 16 + pos % 16] = key[d];
                     for (int d = 0; d < 32; d++) vc[(at * max_len + pos) * 32 + d] = v[(t * kv_heads + h) * 32 + d];
                 }
             }
             for (int64_t h = 0; h < heads; h++) {
                 int64_t at = row[b] * kv_heads + h / (heads / kv_heads);
-                const float* K = kt + at * 32 * max_len;
+                const float* K = kt + at * tiles * 512;
                 const float* V = vc + at * max_len * 32;
                 for (int64_t s0 = 0; s0 < n_new[b]; s0 += CHUNK) {
                     int64_t t = start[b] + s0, ns = n_new[b] - s0 < CHUNK ? n_new[b] - s0 : CHUNK;
@@ -186,15 +187,15 @@ void attend(const float* q, const float* k, const float* v, const float* cos, co
                     float* O = out + (t * heads + h) * 32;
                     int64_t stride = heads * 32, len0 = len[b] + s0;
                     switch (ns) {  /* a constant count: the accumulators stay in registers */
-                        case 1: attend_queries(Q, K, V, O, stride, len0, max_len, p, 1); break;
-                        case 2: attend_queries(Q, K, V, O, stride, len0, max_len, p, 2); break;
-                        case 3: attend_queries(Q, K, V, O, stride, len0, max_len, p, 3); break;
-                        case 4: attend_queries(Q, K, V, O, stride, len0, max_len, p, 4); break;
-                        case 5: attend_queries(Q, K, V, O, stride, len0, max_len, p, 5); break;
-                        case 6: attend_queries(Q, K, V, O, stride, len0, max_len, p, 6); break;
-                        case 7: attend_queries(Q, K, V, O, stride, len0, max_len, p, 7); break;
-                        case 8: attend_queries(Q, K, V, O, stride, len0, max_len, p, 8); break;
-                        default: attend_queries(Q, K, V, O, stride, len0, max_len, p, 9); break;
+                        case 1: attend_queries(Q, K, V, O, stride, len0, p, 1); break;
+                        case 2: attend_queries(Q, K, V, O, stride, len0, p, 2); break;
+                        case 3: attend_queries(Q, K, V, O, stride, len0, p, 3); break;
+                        case 4: attend_queries(Q, K, V, O, stride, len0, p, 4); break;
+                        case 5: attend_queries(Q, K, V, O, stride, len0, p, 5); break;
+                        case 6: attend_queries(Q, K, V, O, stride, len0, p, 6); break;
+                        case 7: attend_queries(Q, K, V, O, stride, len0, p, 7); break;
+                        case 8: attend_queries(Q, K, V, O, stride, len0, p, 8); break;
+                        default: attend_queries(Q, K, V, O, stride, len0, p, 9); break;
                     }
                 }
             }
@@ -339,17 +340,23 @@ def attends(device, dtype, head_dim):
             and library() is not None and bool(library().has_attend()))
 
 
-def attend(q, k, v, cos, sin, k_transposed, v_cache, rows, lengths, n_new):
+def key_tiles(rows, kv_heads, max_len, device=None):
+    """An empty key cache the way attend stores it: (rows, kv_heads, tiles, 32, 16), tiles of 16
+    positions: [r, h, p // 16, :, p % 16] is row r's key of head h at position p."""
+    return torch.empty(rows, kv_heads, -(-max_len // 16), 32, 16, device=device)
+
+
+def attend(q, k, v, cos, sin, k_tiles, v_cache, rows, lengths, n_new):
     """A decode step's attention from its projections: lane b's n_new[b] tokens, in lane order,
     are rows of q (N, heads * 32), k, v (N, kv_heads * 32), at positions lengths[b] .. of cache
-    row rows[b]. Rotates q and k by cos, sin (N, 16), writes k and v into k_transposed (rows,
-    kv_heads, 32, max_len) and v_cache (rows, kv_heads, max_len, 32) -> (N, heads * 32)."""
+    row rows[b]. Rotates q and k by cos, sin (N, 16), writes k and v into k_tiles (key_tiles) and
+    v_cache (rows, kv_heads, max_len, 32) -> (N, heads * 32)."""
     q, k, v, cos, sin = (t.contiguous() for t in (q, k, v, cos, sin))
     out = torch.empty_like(q)
     rows, lengths, n_new = (t.to(torch.int64).contiguous() for t in (rows, lengths, n_new))
     kv_heads, max_len = v_cache.size(1), v_cache.size(2)
     library().attend(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-                     k_transposed.data_ptr(), v_cache.data_ptr(), rows.data_ptr(), lengths.data_ptr(),
+                     k_tiles.data_ptr(), v_cache.data_ptr(), rows.data_ptr(), lengths.data_ptr(),
                      n_new.data_ptr(), out.data_ptr(), len(n_new), q.size(1) // 32, kv_heads, max_len,
                      torch.get_num_threads())
     return out

@@ -352,6 +352,12 @@ class RMSNorm(nn.Module):
         return self.ops.rms_norm(x, self.weight, self.eps)
 
 
+# Tokens a decode step runs through all blocks at once in the C loops' path (GPT._through_blocks).
+# A prefill of 1024 prompts is ~33k tokens: their MLP's (33k, 256) activations, 34 MB, miss the
+# CPU's caches and its products ran at ~60 GFLOP/s against ~170 at 1k rows (2 AMD EPYC cores).
+GROUP_TOKENS = 1024
+
+
 @dataclass
 class DecodeStep:
     """Where the new tokens of one decode call go, computed once for every layer. The layers
@@ -385,7 +391,7 @@ class CausalSelfAttention(nn.Module):
         self.o_proj = nn.Linear(config.n_head * self.head_dim, config.n_embd, bias=False)
         self.ops = TORCH_OPS
         self.k_cache = self.v_cache = None  # (lanes, n_kv_head, max_len, hd): setup_cache
-        self.keys_transposed = False        # k_cache (lanes, n_kv_head, hd, max_len), for cpu_kernels.attend
+        self.keys_in_tiles = False          # k_cache in cpu_kernels.key_tiles' layout, for its attend
         self.low_bits_qkv = self.low_bits_out = None  # lowbit.py's copies, for decoding
 
     def forward(self, x, cos, sin, layout=None, step=None):
@@ -401,7 +407,7 @@ class CausalSelfAttention(nn.Module):
         if step is not None:  # (N, C): the real new tokens of cached lanes
             N, C = x.shape
             q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj), self.low_bits_qkv)
-            if self.keys_transposed:  # rotation, cache writes and attention in one C loop
+            if self.keys_in_tiles:  # rotation, cache writes and attention in one C loop
                 y = cpu_kernels.attend(q.float(), k.float(), v.float(), cos, sin, self.k_cache, self.v_cache,
                                        step.rows, step.lengths, step.n_new)
             else:
@@ -426,14 +432,13 @@ class CausalSelfAttention(nn.Module):
 
     def setup_cache(self, batch_size, max_len, device, dtype):
         shape = (batch_size, self.n_kv_head, max_len, self.head_dim)
-        # on CPU cpu_kernels.attend reads 16 keys a vector: positions last, one key's dims apart
-        self.keys_transposed = cpu_kernels.attends(device, dtype, self.head_dim)
-        k_shape = (batch_size, self.n_kv_head, self.head_dim, max_len) if self.keys_transposed else shape
-        # PyTorch's attention reads whole rows (masking what no token wrote); the C loop only
-        # what was written, so its cache needs no zeros
-        new = torch.empty if self.keys_transposed else torch.zeros
-        self.k_cache = new(k_shape, device=device, dtype=dtype)
-        self.v_cache = new(shape, device=device, dtype=dtype)
+        self.keys_in_tiles = cpu_kernels.attends(device, dtype, self.head_dim)
+        if self.keys_in_tiles:  # the C loop reads only what was written: no zeros needed
+            self.k_cache = cpu_kernels.key_tiles(batch_size, self.n_kv_head, max_len, device)
+            self.v_cache = torch.empty(shape, device=device, dtype=dtype)
+        else:  # PyTorch's attention reads whole rows, masking what no token wrote
+            self.k_cache = torch.zeros(shape, device=device, dtype=dtype)
+            self.v_cache = torch.zeros(shape, device=device, dtype=dtype)
 
     def attend_cache(self, q, k, v, step):
         """Write the new keys and values (N, nkv, hd) into their lanes' cache rows, then attend
@@ -634,7 +639,7 @@ class GPT(nn.Module):
         attention finds a lane's row through cache_rows, so only that shrinks; PyTorch's reads
         the rows in order, so the kept ones are copied together."""
         self.cache_lengths, self.cache_rows = self.cache_lengths[keep], self.cache_rows[keep]
-        if not self.blocks[0].attn.keys_transposed:
+        if not self.blocks[0].attn.keys_in_tiles:
             for block in self.blocks:
                 block.attn.k_cache, block.attn.v_cache = block.attn.k_cache[keep], block.attn.v_cache[keep]
             self.cache_rows = torch.arange(len(self.cache_rows), device=self.cache_rows.device)
@@ -669,14 +674,12 @@ class GPT(nn.Module):
         lane, pos = slot // S, grid_pos.flatten()[slot]
         cache_rows = self.cache_rows if rows is None else self.cache_rows[rows]
         attn = self.blocks[0].attn
-        in_c = attn.keys_transposed and not torch.is_autocast_enabled(device.type)  # float32 throughout
+        in_c = attn.keys_in_tiles and not torch.is_autocast_enabled(device.type)  # float32 throughout
         step = DecodeStep(slot=slot, cache_row=cache_rows[lane], cache_pos=pos, lengths=lengths, n_new=n_new,
                           S=S, rows=cache_rows, all_rows=rows is None and len(cache_rows) == len(attn.v_cache),
                           ops=cpu_kernels if in_c else self.ops)
         cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]            # (N, 1, hd/2)
-        x = self.embed(idx.flatten()[slot])                                            # (N, C)
-        for block in self.blocks:
-            x = block(x, cos, sin, step=step)
+        x = self._through_blocks(self.embed(idx.flatten()[slot]), cos, sin, step)     # (N, C)
         if rows is None:
             self.cache_lengths += n_new
         else:
@@ -687,6 +690,32 @@ class GPT(nn.Module):
             return logits.new_zeros(B * S, logits.size(-1)).index_copy_(0, slot, logits).view(B, S, -1)
         last = (n_new.cumsum(0) - 1).clamp(min=0)      # each lane's last real token (N >= 1)
         return project(norm(x[last]), (self.lm_head,), self.low_bits_head)
+
+    def _through_blocks(self, x, cos, sin, step):
+        """x (N, C), the new tokens of a decode step, through every block. In the C loops' step
+        the lanes go in groups of ~GROUP_TOKENS tokens, all blocks a group at a time: its
+        activations stay in the CPU's caches, and the matrix products run faster on those rows."""
+        group = GROUP_TOKENS
+        if step.ops is not cpu_kernels or len(x) <= group:
+            for block in self.blocks:
+                x = block(x, cos, sin, step=step)
+            return x
+        starts = [0, *step.n_new.cumsum(0).tolist()]  # lane b's tokens: starts[b] .. starts[b + 1]
+        cuts = [0]  # the groups' first lanes
+        for b, start in enumerate(starts[:-1]):
+            if start - starts[cuts[-1]] >= group:
+                cuts.append(b)
+        cuts.append(len(starts) - 1)
+        out = torch.empty_like(x)
+        for l0, l1 in zip(cuts, cuts[1:]):
+            t0, t1 = starts[l0], starts[l1]
+            part = DecodeStep(slot=None, cache_row=None, cache_pos=None, lengths=step.lengths[l0:l1],
+                              n_new=step.n_new[l0:l1], S=step.S, rows=step.rows[l0:l1], all_rows=False, ops=step.ops)
+            y = x[t0:t1]
+            for block in self.blocks:
+                y = block(y, cos[t0:t1], sin[t0:t1], step=part)
+            out[t0:t1] = y
+        return out
 
     # ------------------------------------------------------------------------------------------
     # Training helpers

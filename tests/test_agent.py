@@ -278,10 +278,10 @@ def test_the_c_attention_writes_the_dialogs_pytorchs_attention_writes(trained, d
     questions = [q['question'] for split in ('train', 'ood') for q in agent.read_questions(data_dir, split, 10**6)]
     bot = agent.make_agent(model, ckpt['tokenizer'], os.path.join(data_dir, 'people.db'), 'qatool', data_dir=data_dir)
     ours = [lane.text for lane in bot.run(questions, max_new_tokens=100)]
-    assert model.blocks[0].attn.keys_transposed  # the run above attended in C
+    assert model.blocks[0].attn.keys_in_tiles  # the run above attended in C
     monkeypatch.setattr(cpu_kernels, 'attends', lambda *args: False)
     theirs = [lane.text for lane in bot.run(questions, max_new_tokens=100)]
-    assert not model.blocks[0].attn.keys_transposed and len(questions) >= 300 and ours == theirs
+    assert not model.blocks[0].attn.keys_in_tiles and len(questions) >= 300 and ours == theirs
 
 
 def test_a_draft_is_the_tokens_after_the_latest_earlier_occurrence():

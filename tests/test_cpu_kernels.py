@@ -46,10 +46,12 @@ def test_attend_is_rope_then_pytorchs_attention(heads, kv_heads, max_len):
     pos = lengths[lane] + torch.arange(N) - (n_new.cumsum(0) - n_new)[lane]
     cos, sin = (table[pos] for table in rope_table(32, max_len, 10000.0))
     expected, k_expected, v_expected = reference(q, k, v, cos, sin, k_cache, v_cache, rows, lengths, n_new)
-    k_transposed, inputs = k_cache.transpose(2, 3).contiguous(), (q.clone(), k.clone(), v.clone())
-    out = cpu_kernels.attend(q, k, v, cos, sin, k_transposed, v_cache, rows, lengths, n_new)
+    k_tiles, inputs = cpu_kernels.key_tiles(9, kv_heads, max_len), (q.clone(), k.clone(), v.clone())
+    tiles = lambda keys: F.pad(keys, (0, 0, 0, 16 * k_tiles.size(2) - max_len)).unflatten(2, (-1, 16)).transpose(3, 4)
+    k_tiles.copy_(tiles(k_cache))
+    out = cpu_kernels.attend(q, k, v, cos, sin, k_tiles, v_cache, rows, lengths, n_new)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=2e-6)
-    torch.testing.assert_close(k_transposed.transpose(2, 3), k_expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(k_tiles, tiles(k_expected), rtol=1e-6, atol=1e-6)
     assert torch.equal(v_cache, v_expected)  # written where the new tokens go, and nowhere else
     assert all(torch.equal(a, b) for a, b in zip((q, k, v), inputs))  # the inputs are left as they were
 

@@ -183,9 +183,12 @@ def test_bfloat16_kv_cache_stays_close_to_float32():
             torch.testing.assert_close(logits[b], full[b, length[b] - 1], rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize('n_embd', [32, 128])  # heads of 8: PyTorch's attention; of 32: the C loop's where it builds
-def test_decoding_a_few_rows_and_dropping_lanes_keeps_every_lane_exact(n_embd):
+# heads of 8: PyTorch's attention; of 32: the C loops' where they build, lanes in groups of ~6 tokens too
+@pytest.mark.parametrize('n_embd,group', [(32, 1024), (128, 1024), (128, 6)])
+def test_decoding_a_few_rows_and_dropping_lanes_keeps_every_lane_exact(n_embd, group, monkeypatch):
     """agent.py splices a tool's answer into a few lanes only, and drops finished lanes."""
+    import model as model_py
+    monkeypatch.setattr(model_py, 'GROUP_TOKENS', group)
     model = tiny(n_embd=n_embd).eval()
     idx = torch.randint(0, 50, (4, 40))
     full, _ = model(idx)
@@ -210,7 +213,7 @@ def test_decoding_a_few_rows_and_dropping_lanes_keeps_every_lane_exact(n_embd):
     logits = model.decode(idx[lanes[rows]].gather(1, length[lanes[rows], None] + torch.arange(3)), rows=rows)
     for i, b in enumerate(lanes[rows].tolist()):
         torch.testing.assert_close(logits[i], full[b, length[b] + 2], rtol=1e-5, atol=1e-5)
-    assert model.blocks[0].attn.keys_transposed == (n_embd == 128 and cpu_kernels.attends('cpu', torch.float32, 32))
+    assert model.blocks[0].attn.keys_in_tiles == (n_embd == 128 and cpu_kernels.attends('cpu', torch.float32, 32))
 
 
 def test_checkpoints_load_as_plain_values_and_pickled_objects_are_refused(tmp_path):
