@@ -228,10 +228,10 @@ class Agent:
         was a tool call; bool per lane: no room was left for the answer, so the lane ends there).
         """
         max_len = tokens.size(1)
-        called = torch.zeros(len(lanes), dtype=torch.bool, device=lanes.device)
-        no_room = torch.zeros(len(lanes), dtype=torch.bool, device=lanes.device)
-        dialogs = tokens[lanes].tolist()
+        called, no_room = [False] * len(lanes), [False] * len(lanes)
         starts, ends = turn_start[lanes].tolist(), length[lanes].tolist()
+        dialogs = tokens[lanes, :max(ends)].tolist()
+        written = []  # (lane, where its answer starts, the answer's tokens)
         for i, (b, dialog_ids, start, end) in enumerate(zip(lanes.tolist(), dialogs, starts, ends)):
             spliced = self._tool_answer(dialog_ids[start:end - 1])  # the turn, less the call token
             if spliced is None:
@@ -243,9 +243,17 @@ class Agent:
             if end + len(answer) >= max_len:
                 no_room[i] = True
                 continue
-            tokens[b, end:end + len(answer)] = torch.tensor(answer, device=tokens.device)
-            length[b] = turn_start[b] = end + len(answer)
-        return called, no_room
+            written.append((b, end, answer))
+        if written:  # every answer in one write
+            at = [(b, end + j) for b, end, answer in written for j in range(len(answer))]
+            lane_ids, positions = torch.tensor(at, device=tokens.device).unbind(1)
+            tokens[lane_ids, positions] = torch.tensor([t for *_, answer in written for t in answer],
+                                                       device=tokens.device)
+            lane_ids = torch.tensor([b for b, *_ in written], device=tokens.device)
+            length[lane_ids] = turn_start[lane_ids] = torch.tensor([end + len(answer) for _, end, answer in written],
+                                                                   device=tokens.device)
+        as_mask = lambda flags: torch.tensor(flags, dtype=torch.bool, device=lanes.device)
+        return as_mask(called), as_mask(no_room)
 
     def _advance(self, tokens, length, rows, live):
         """Feed the cache what the lanes wrote since the last step -> next-token logits per row.

@@ -32,6 +32,7 @@ class ByteTokenizer:
     # Each special token is swapped for a control byte the data never holds, so a whole chunk
     # of text is tokenized by one encode() and one numpy remap instead of a loop over tokens.
     _PLACEHOLDERS = {s: chr(1 + i) for i, s in enumerate(SPECIALS)}
+    _MAPPED = re.compile('|'.join([re.escape(s) for s in SPECIALS] + ['[\x01-\x04]']))
 
     def encode_concat(self, texts):
         """list of dialog texts -> one uint16 array of their tokens, concatenated."""
@@ -44,6 +45,8 @@ class ByteTokenizer:
         return tokens
 
     def encode(self, text):
+        if not self._MAPPED.search(text):  # plain bytes (a tool's answer): no array needed
+            return list(text.encode('utf-8'))
         return self.encode_concat([text]).tolist()
 
     def encode_dialogs(self, texts):
@@ -70,7 +73,7 @@ class ByteTokenizer:
 
     def decode_bytes(self, ids):
         """Raw bytes of non-special tokens (the SQL tool gets the model's bytes as written)."""
-        return bytes(i for i in ids if i < 256)
+        return bytes(ids) if max(ids, default=0) < 256 else bytes(i for i in ids if i < 256)
 
     def describe(self):
         return {'kind': 'byte', 'vocab_size': self.vocab_size}

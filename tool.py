@@ -113,7 +113,8 @@ class SqlTool:
         if len(raw) > self.max_sql_bytes:
             raise Refused('query too long')
         text = raw.decode('utf-8')
-        self._ctes = {n for n in map(str.lower, CTE_NAME.findall(text))
+        named = CTE_NAME.findall(text) if '(' in text else ()  # a CTE's body is in brackets
+        self._ctes = {n for n in map(str.lower, named)
                       if n not in self.tables and not n.startswith(('sqlite_', 'pragma_'))}
         self._denied = False
         self._deadline = time.perf_counter() + self.time_limit_s
