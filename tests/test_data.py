@@ -135,6 +135,16 @@ def test_shard_decodes_to_jsonl_and_masks_exactly_the_assistant(data_dir, datase
         assert byte_tok.decode(tokens[lo:hi][mask[lo:hi]].tolist()) == expected
 
 
+def test_byte_encode_of_one_text_is_the_shards_encoding():
+    """encode() skips the array for text with no special token (a tool's answer): same ids."""
+    byte_tok = tok.ByteTokenizer()
+    texts = ['1975-07-11', 'no rows', 'Zoë Ångström | 中', '', '<|user|>Who?<|assistant|>',
+             'SELECT x FROM people<|database|>', 'a\x01b\x04', '<|eod', '|>']
+    for text in texts:
+        assert byte_tok.encode(text) == byte_tok.encode_concat([text]).tolist()
+    assert byte_tok.encode('ab<|eod|>') == [97, 98, 259] and byte_tok.encode('é') == [195, 169]
+
+
 def test_truncated_or_altered_shard_is_rejected(tmp_path, data_dir):
     raw = (data_dir / 'qa_train.bin').read_bytes()
     cases = {'truncated': raw[:-10], 'short': raw[:100], 'magic': b'\0' * 8 + raw[8:],
