@@ -6,7 +6,7 @@ build (no compiler) or the CPU lacks AVX-512 (attend), model.py runs its PyTorch
     matvec   one row times a weight kept as low-bit blocks (lowbit.py): a byte a value
     attend   attention of a decode step over the KV cache, for heads of 32 (the paper's models),
              from the projections on: rotation, cache writes, attention. model.py's setup_cache
-             then stores the keys in tiles of 16 positions (key_tiles)
+             then stores the keys in tiles of 16 positions (key_tiles_shape)
     rms_norm, add_rms_norm, swiglu   the rest of such a step (model.py's functions of those names)
 
 attend: at 1024 lanes, 2 heads, ~140 cached tokens, 2 AMD EPYC cores, `scaled_dot_product_attention`
@@ -340,17 +340,17 @@ def attends(device, dtype, head_dim):
             and library() is not None and bool(library().has_attend()))
 
 
-def key_tiles(rows, kv_heads, max_len, device=None):
-    """An empty key cache the way attend stores it: (rows, kv_heads, tiles, 32, 16), tiles of 16
+def key_tiles_shape(rows, kv_heads, max_len):
+    """The key cache's shape as attend stores it: (rows, kv_heads, tiles, 32, 16), tiles of 16
     positions: [r, h, p // 16, :, p % 16] is row r's key of head h at position p."""
-    return torch.empty(rows, kv_heads, -(-max_len // 16), 32, 16, device=device)
+    return torch.Size((rows, kv_heads, -(-max_len // 16), 32, 16))
 
 
 def attend(q, k, v, cos, sin, k_tiles, v_cache, rows, lengths, n_new):
     """A decode step's attention from its projections: lane b's n_new[b] tokens, in lane order,
     are rows of q (N, heads * 32), k, v (N, kv_heads * 32), at positions lengths[b] .. of cache
-    row rows[b]. Rotates q and k by cos, sin (N, 16), writes k and v into k_tiles (key_tiles) and
-    v_cache (rows, kv_heads, max_len, 32) -> (N, heads * 32)."""
+    row rows[b]. Rotates q and k by cos, sin (N, 16), writes k and v into k_tiles (of
+    key_tiles_shape) and v_cache (rows, kv_heads, max_len, 32) -> (N, heads * 32)."""
     q, k, v, cos, sin = (t.contiguous() for t in (q, k, v, cos, sin))
     out = torch.empty_like(q)
     rows, lengths, n_new = (t.to(torch.int64).contiguous() for t in (rows, lengths, n_new))

@@ -352,6 +352,14 @@ class RMSNorm(nn.Module):
         return self.ops.rms_norm(x, self.weight, self.eps)
 
 
+def reuse(tensor, shape, device, dtype):
+    """tensor if it has this shape, device and dtype, else a new empty one."""
+    if (tensor is not None and tensor.shape == shape and tensor.dtype == dtype
+            and tensor.device == torch.device(device)):
+        return tensor
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
 # Tokens a decode step runs through all blocks at once in the C loops' path (GPT._through_blocks).
 # A prefill of 1024 prompts is ~33k tokens: their MLP's (33k, 256) activations, 34 MB, miss the
 # CPU's caches and its products ran at ~60 GFLOP/s against ~170 at 1k rows (2 AMD EPYC cores).
@@ -391,7 +399,7 @@ class CausalSelfAttention(nn.Module):
         self.o_proj = nn.Linear(config.n_head * self.head_dim, config.n_embd, bias=False)
         self.ops = TORCH_OPS
         self.k_cache = self.v_cache = None  # (lanes, n_kv_head, max_len, hd): setup_cache
-        self.keys_in_tiles = False          # k_cache in cpu_kernels.key_tiles' layout, for its attend
+        self.keys_in_tiles = False          # k_cache as cpu_kernels.attend keeps it (key_tiles_shape)
         self.low_bits_qkv = self.low_bits_out = None  # lowbit.py's copies, for decoding
 
     def forward(self, x, cos, sin, layout=None, step=None):
@@ -433,12 +441,14 @@ class CausalSelfAttention(nn.Module):
     def setup_cache(self, batch_size, max_len, device, dtype):
         shape = (batch_size, self.n_kv_head, max_len, self.head_dim)
         self.keys_in_tiles = cpu_kernels.attends(device, dtype, self.head_dim)
-        if self.keys_in_tiles:  # the C loop reads only what was written: no zeros needed
-            self.k_cache = cpu_kernels.key_tiles(batch_size, self.n_kv_head, max_len, device)
-            self.v_cache = torch.empty(shape, device=device, dtype=dtype)
-        else:  # PyTorch's attention reads whole rows, masking what no token wrote
-            self.k_cache = torch.zeros(shape, device=device, dtype=dtype)
-            self.v_cache = torch.zeros(shape, device=device, dtype=dtype)
+        k_shape = cpu_kernels.key_tiles_shape(*shape[:3]) if self.keys_in_tiles else shape
+        # the last cache again where it fits: a new one's pages fault in as they are first
+        # written (~65k faults for agent.py's 1024 lanes on CPU, ~5% of its batch)
+        self.k_cache = reuse(self.k_cache, k_shape, device, dtype)
+        self.v_cache = reuse(self.v_cache, shape, device, dtype)
+        if not self.keys_in_tiles:  # PyTorch's attention reads whole rows, masking what no token
+            self.k_cache.zero_()      # wrote; the C loop reads only what was written
+            self.v_cache.zero_()
 
     def attend_cache(self, q, k, v, step):
         """Write the new keys and values (N, nkv, hd) into their lanes' cache rows, then attend

@@ -46,7 +46,8 @@ def test_attend_is_rope_then_pytorchs_attention(heads, kv_heads, max_len):
     pos = lengths[lane] + torch.arange(N) - (n_new.cumsum(0) - n_new)[lane]
     cos, sin = (table[pos] for table in rope_table(32, max_len, 10000.0))
     expected, k_expected, v_expected = reference(q, k, v, cos, sin, k_cache, v_cache, rows, lengths, n_new)
-    k_tiles, inputs = cpu_kernels.key_tiles(9, kv_heads, max_len), (q.clone(), k.clone(), v.clone())
+    k_tiles = torch.empty(cpu_kernels.key_tiles_shape(9, kv_heads, max_len))
+    inputs = q.clone(), k.clone(), v.clone()
     tiles = lambda keys: F.pad(keys, (0, 0, 0, 16 * k_tiles.size(2) - max_len)).unflatten(2, (-1, 16)).transpose(3, 4)
     k_tiles.copy_(tiles(k_cache))
     out = cpu_kernels.attend(q, k, v, cos, sin, k_tiles, v_cache, rows, lengths, n_new)

@@ -216,6 +216,22 @@ def test_decoding_a_few_rows_and_dropping_lanes_keeps_every_lane_exact(n_embd, g
     assert model.blocks[0].attn.keys_in_tiles == (n_embd == 128 and cpu_kernels.attends('cpu', torch.float32, 32))
 
 
+@pytest.mark.parametrize('n_embd', [32, 128])
+def test_a_cache_set_up_again_is_reused_and_what_it_held_is_never_read(n_embd):
+    model = tiny(n_embd=n_embd).eval()
+    idx = torch.randint(0, 50, (3, 40))
+    full, _ = model(idx)
+    model.setup_cache(3, 48)
+    model.prefill(torch.randint(0, 50, (3, 30)), torch.tensor([30, 30, 30]))  # other tokens, longer
+    k_cache = model.blocks[0].attn.k_cache
+    model.setup_cache(3, 48)
+    assert model.blocks[0].attn.k_cache is k_cache
+    length = torch.tensor([4, 9, 6])
+    logits = model.prefill(idx[:, :9], length)
+    for b in range(3):
+        torch.testing.assert_close(logits[b], full[b, length[b] - 1], rtol=1e-5, atol=1e-5)
+
+
 def test_checkpoints_load_as_plain_values_and_pickled_objects_are_refused(tmp_path):
     import argparse
     from dataclasses import asdict
