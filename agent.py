@@ -245,13 +245,12 @@ class Agent:
                 continue
             written.append((b, end, answer))
         if written:  # every answer in one write
-            at = [(b, end + j) for b, end, answer in written for j in range(len(answer))]
-            lane_ids, positions = torch.tensor(at, device=tokens.device).unbind(1)
-            tokens[lane_ids, positions] = torch.tensor([t for *_, answer in written for t in answer],
-                                                       device=tokens.device)
-            lane_ids = torch.tensor([b for b, *_ in written], device=tokens.device)
-            length[lane_ids] = turn_start[lane_ids] = torch.tensor([end + len(answer) for _, end, answer in written],
-                                                                   device=tokens.device)
+            as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=tokens.device)
+            lane_of = as_tensor([b for b, _, answer in written for _ in answer])
+            position = as_tensor([end + i for _, end, answer in written for i in range(len(answer))])
+            tokens[lane_of, position] = as_tensor([t for _, _, answer in written for t in answer])
+            answered = as_tensor([b for b, _, _ in written])
+            length[answered] = turn_start[answered] = as_tensor([end + len(answer) for _, end, answer in written])
         as_mask = lambda flags: torch.tensor(flags, dtype=torch.bool, device=lanes.device)
         return as_mask(called), as_mask(no_room)
 

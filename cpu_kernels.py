@@ -1,7 +1,7 @@
 """
 C loops for decoding on CPU, built once a machine (~1 s, then kept in ~/.cache/nano-itl) with the
 compiler torch.compile uses and called through ctypes on torch's thread count. Where they do not
-build (no compiler) or the CPU lacks AVX-512 (attend), model.py runs its PyTorch math.
+build (no compiler) or the CPU lacks AVX-512 (all but matvec), model.py runs its PyTorch math.
 
     matvec   one row times a weight kept as low-bit blocks (lowbit.py): a byte a value
     attend   attention of a decode step over the KV cache, for heads of 32 (the paper's models),
@@ -10,11 +10,13 @@ build (no compiler) or the CPU lacks AVX-512 (attend), model.py runs its PyTorch
     rms_norm, add_rms_norm, swiglu   the rest of such a step (model.py's functions of those names)
 
 attend: at 1024 lanes, 2 heads, ~140 cached tokens, 2 AMD EPYC cores, `scaled_dot_product_attention`
-takes 8-9 ms a layer with one query a lane and 11-13 ms with drafts of up to 8 more; this takes
-5.3 and 5.7 ms. SDPA spends its time on small matrix products per lane and head; here a lane's
-queries share each vector of 16 keys they load, and the keys' layout, tiles of 16 positions,
-makes a lane's keys one run of memory. Its e^x is a degree-6 polynomial (~1e-7 relative): the
-outputs agree with SDPA's to ~1e-6.
+takes 8-9 ms a layer with one query a lane and 11-13 ms with drafts of up to 8 more, the
+rotation and cache writes not counted; this takes 3.3 and 5.4-5.9 ms with them. SDPA spends its
+time on small matrix products per lane and head; here a lane's queries share each vector of 16
+keys they load, and the keys' layout, tiles of 16 positions, makes a lane's keys one run of
+memory. At 1024 lanes a step reads ~57 MB of cache a layer, from memory (~10 GB/s): 128 lanes,
+whose cache stays in the CPU's, take half the time a lane. Its e^x is a degree-6 polynomial
+(~1e-7 relative): the outputs agree with SDPA's to ~1e-6.
 """
 import ctypes
 import hashlib

@@ -379,7 +379,7 @@ class DecodeStep:
     S: int                   # the grid's width
     rows: torch.Tensor       # (B,) the lanes' cache rows
     all_rows: bool           # rows is every cache row, in order
-    ops: object              # what computes norms and SwiGLU: cpu_kernels where it attends, else TORCH_OPS
+    ops: object              # norms and SwiGLU: cpu_kernels on the C attention's path, else the model's
 
     def attn_mask(self):
         """(B, 1, S, context): which cached keys each query of the grid sees."""
@@ -704,26 +704,27 @@ class GPT(nn.Module):
     def _through_blocks(self, x, cos, sin, step):
         """x (N, C), the new tokens of a decode step, through every block. In the C loops' step
         the lanes go in groups of ~GROUP_TOKENS tokens, all blocks a group at a time: its
-        activations stay in the CPU's caches, and the matrix products run faster on those rows."""
-        group = GROUP_TOKENS
-        if step.ops is not cpu_kernels or len(x) <= group:
+        activations stay in the CPU's caches, and the matrix products run faster on those rows.
+        (PyTorch's attention takes the whole (B, S) grid at once.)"""
+        if step.ops is not cpu_kernels or len(x) <= GROUP_TOKENS:
             for block in self.blocks:
                 x = block(x, cos, sin, step=step)
             return x
         starts = [0, *step.n_new.cumsum(0).tolist()]  # lane b's tokens: starts[b] .. starts[b + 1]
-        cuts = [0]  # the groups' first lanes
+        cuts = [0]                                    # each group's first lane
         for b, start in enumerate(starts[:-1]):
-            if start - starts[cuts[-1]] >= group:
+            if start - starts[cuts[-1]] >= GROUP_TOKENS:
                 cuts.append(b)
         cuts.append(len(starts) - 1)
         out = torch.empty_like(x)
         for l0, l1 in zip(cuts, cuts[1:]):
             t0, t1 = starts[l0], starts[l1]
-            part = DecodeStep(slot=None, cache_row=None, cache_pos=None, lengths=step.lengths[l0:l1],
-                              n_new=step.n_new[l0:l1], S=step.S, rows=step.rows[l0:l1], all_rows=False, ops=step.ops)
+            group = DecodeStep(slot=None, cache_row=None, cache_pos=None, lengths=step.lengths[l0:l1],
+                               n_new=step.n_new[l0:l1], S=step.S, rows=step.rows[l0:l1], all_rows=False,
+                               ops=step.ops)  # what the C loops read
             y = x[t0:t1]
             for block in self.blocks:
-                y = block(y, cos[t0:t1], sin[t0:t1], step=part)
+                y = block(y, cos[t0:t1], sin[t0:t1], step=group)
             out[t0:t1] = y
         return out
 
