@@ -74,11 +74,14 @@ def forward_flops(model, tokens, context):
 def matmul_seconds(model, tokens, rows, device, dtype, repeats):
     """The model's Linear layers alone on (rows, width) inputs, as many times as `tokens` tokens
     need: the arithmetic floor at these shapes -> (seconds, FLOP/s). The fastest of `repeats`
-    timings: on 2 CPU cores one timing of these small products ranged over 37-81 GFLOP/s."""
+    timings: on 2 CPU cores one timing of these small products ranged over 37-81 GFLOP/s.
+    Into outputs allocated once: allocating them each call measured ~72 GFLOP/s in about half
+    the processes and ~140 in the others (2 AMD EPYC cores, the same code); these run at ~150."""
     layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     inputs = [torch.randn(rows, m.in_features, device=device, dtype=dtype) for m in layers]
-    weights = [m.weight.detach().to(dtype) for m in layers]
-    run = lambda: [torch.nn.functional.linear(x, w) for x, w in zip(inputs, weights)]
+    weights = [m.weight.detach().to(dtype).t() for m in layers]
+    outputs = [torch.empty(rows, m.out_features, device=device, dtype=dtype) for m in layers]
+    run = lambda: [torch.mm(x, w, out=y) for x, w, y in zip(inputs, weights, outputs)]
     run()
     passes = max(3, min(200, tokens // rows))
     seconds = min(timed(lambda: [run() for _ in range(passes)], device)[1] for _ in range(repeats))
