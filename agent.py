@@ -278,9 +278,12 @@ class Agent:
         width = int(n_draft.max())
         draft = draft[:, :width]
         step = torch.cat([tokens[rows, cached.clamp(max=max_len - 1)][:, None], draft], 1)
-        logits = model.decode(step, live.long() + n_draft, every=True)  # (R, 1 + width, V)
+        n_new = live.long() + n_draft
+        logits = model.decode(step, n_new, every=True)  # (N, V): after each token fed, lane by lane
+        first = (n_new.cumsum(0) - n_new).clamp(max=len(logits) - 1)  # a lane's first row of them
         ahead = torch.arange(width, device=tokens.device)
-        agree = (logits[:, :-1].argmax(-1) == draft) & (ahead < n_draft[:, None])
+        guessed = logits.argmax(-1)[(first[:, None] + ahead).clamp(max=len(logits) - 1)]  # (R, width)
+        agree = (guessed == draft) & (ahead < n_draft[:, None])
         kept = agree.long().cumprod(1).sum(1)                         # (R,) drafted tokens kept
         model.cache_lengths -= n_draft - kept                         # the others leave the cache
         keep = ahead < kept[:, None]
@@ -288,7 +291,7 @@ class Agent:
         tokens[rows[:, None].expand(-1, width)[keep], at[keep]] = draft[keep]
         length[rows] += kept
         generated[rows] += kept
-        logits = logits[torch.arange(len(rows), device=tokens.device), kept]
+        logits = logits[(first + kept).clamp(max=len(logits) - 1)]  # (finished rows': unused)
         return self._splice(tokens, length, rows, live, logits)
 
     def _splice(self, tokens, length, rows, live, logits):

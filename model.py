@@ -664,7 +664,8 @@ class GPT(nn.Module):
     @torch.no_grad()
     def decode(self, idx, n_new=None, rows=None, every=False):
         """Append tokens to lanes -> the next-token logits after each lane's last new one (B, vocab),
-        or with every=True after each new token (B, S, vocab): a draft checked in one pass.
+        or with every=True after each new token (N, vocab), lane by lane, n_new[b] rows each: a
+        draft checked in one pass.
 
         idx (B, S): lane b's first n_new[b] tokens are real (all S when None), the rest padding;
         a lane given none adds nothing. rows: which of the cache's lanes these B are (None: all),
@@ -696,8 +697,7 @@ class GPT(nn.Module):
             self.cache_lengths[rows] += n_new
         norm = lambda x: step.ops.rms_norm(x, self.norm.weight, self.norm.eps)
         if every:
-            logits = self.lm_head(norm(x))
-            return logits.new_zeros(B * S, logits.size(-1)).index_copy_(0, slot, logits).view(B, S, -1)
+            return self.lm_head(norm(x))
         last = (n_new.cumsum(0) - 1).clamp(min=0)      # each lane's last real token (N >= 1)
         return project(norm(x[last]), (self.lm_head,), self.low_bits_head)
 

@@ -82,8 +82,8 @@ class ScriptedModel:
                 self.fed[lane].append(t)
                 logits[i, len(self.fed[lane]) - 1 - self.cache_lengths[row], script[min(self.generated(lane), len(script) - 1)]] = 1.0
             self.cache_lengths[row] += n_new[i]
-        if every:
-            return logits
+        if every:  # lane by lane, the rows of its new tokens
+            return logits[torch.arange(idx.size(1)) < n_new[:, None]]
         return logits[torch.arange(len(idx)), (n_new - 1).clamp(min=0)]
 
 

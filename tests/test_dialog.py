@@ -88,7 +88,9 @@ class TeacherModel:
                 self.fed[lane].append(t)
                 logits[i, s, target[min(len(self.fed[lane]), len(target) - 1)]] = 1.0
             self.cache_lengths[row] += n_new[i]
-        return logits if every else logits[torch.arange(len(idx)), (n_new - 1).clamp(min=0)]
+        if every:  # lane by lane, the rows of its new tokens
+            return logits[torch.arange(idx.size(1)) < n_new[:, None]]
+        return logits[torch.arange(len(idx)), (n_new - 1).clamp(min=0)]
 
 
 CASES = ['itl', 'chatml', 'llama3'] + (['chatml-smollm2'] if HAS_SMOLLM2 else [])
