@@ -175,10 +175,10 @@ class Agent:
             raise ValueError(f"a question of {int(length.max())} tokens leaves no room in "
                              f"block_size {max_len}")
         tokens = torch.zeros(B, max_len, dtype=torch.long, device=device)  # every lane's dialog
-        for b, p in enumerate(prompts):
-            tokens[b, :len(p)] = torch.tensor(p)
+        width = int(length.max())
+        tokens[:, :width] = torch.tensor([p + [0] * (width - len(p)) for p in prompts])
         model.setup_cache(B, max_len, dtype=self.cache_dtype)
-        logits = model.prefill(tokens[:, :int(length.max())], length)
+        logits = model.prefill(tokens[:, :width], length)
         rows = torch.arange(B, device=device)    # the lane held in each cache row
         live = torch.ones(B, dtype=torch.bool, device=device)  # cache rows still generating
         generated = torch.zeros(B, dtype=torch.long, device=device)
@@ -274,7 +274,8 @@ class Agent:
         cached = model.cache_lengths
         plain = live & (length[rows] == cached + 1)  # wrote one token, no tool answer to splice
         room = torch.minimum(max_new_tokens - 1 - generated[rows], max_len - 1 - length[rows])
-        draft, n_draft = self.drafter(tokens[rows], length[rows], torch.where(plain, room, 0))
+        lanes_so_far = tokens[:, :int(length[rows].max())][rows]  # what the drafts are looked up in
+        draft, n_draft = self.drafter(lanes_so_far, length[rows], torch.where(plain, room, 0))
         width = int(n_draft.max())
         draft = draft[:, :width]
         step = torch.cat([tokens[rows, cached.clamp(max=max_len - 1)][:, None], draft], 1)
