@@ -416,7 +416,7 @@ class CausalSelfAttention(nn.Module):
             N, C = x.shape
             q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj), self.low_bits_qkv)
             if self.keys_in_tiles:  # rotation, cache writes and attention in one C loop
-                y = cpu_kernels.attend(q.float(), k.float(), v.float(), cos, sin, self.k_cache, self.v_cache,
+                y = cpu_kernels.attend(*(t.float() for t in (q, k, v, cos, sin)), self.k_cache, self.v_cache,
                                        step.rows, step.lengths, step.n_new)
             else:
                 q = q.view(N, self.n_head, self.head_dim)
@@ -685,7 +685,8 @@ class GPT(nn.Module):
         lane, pos = slot // S, grid_pos.flatten()[slot]
         cache_rows = self.cache_rows if rows is None else self.cache_rows[rows]
         attn = self.blocks[0].attn
-        in_c = attn.keys_in_tiles and not torch.is_autocast_enabled(device.type)  # float32 throughout
+        in_c = (attn.keys_in_tiles and self.embed.weight.dtype == torch.float32  # float32 throughout
+                and not torch.is_autocast_enabled(device.type))
         step = DecodeStep(slot=slot, cache_row=cache_rows[lane], cache_pos=pos, lengths=lengths, n_new=n_new,
                           S=S, rows=cache_rows, all_rows=rows is None and len(cache_rows) == len(attn.v_cache),
                           ops=cpu_kernels if in_c else self.ops)

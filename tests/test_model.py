@@ -183,6 +183,19 @@ def test_bfloat16_kv_cache_stays_close_to_float32():
             torch.testing.assert_close(logits[b], full[b, length[b] - 1], rtol=2e-2, atol=2e-2)
 
 
+def test_a_bfloat16_model_decodes_over_a_float32_cache():
+    """Heads of 32: the C attention serves the float32 cache (where it builds), the norms and
+    SwiGLU stay PyTorch's for the bfloat16 activations."""
+    model = tiny(n_embd=128).eval()
+    idx = torch.randint(0, 50, (2, 30))
+    full, _ = model(idx)
+    model = model.to(torch.bfloat16)
+    model.setup_cache(2, 48, dtype=torch.float32)
+    logits = model.prefill(idx[:, :20], torch.tensor([10, 20]))
+    for b, length in enumerate([10, 20]):  # bfloat16 weights: ~1e-2 relative
+        torch.testing.assert_close(logits[b].float(), full[b, length - 1], rtol=2e-2, atol=2e-2)
+
+
 # heads of 8: PyTorch's attention; of 32: the C loops' where they build, lanes in groups of ~6 tokens too
 @pytest.mark.parametrize('n_embd,group', [(32, 1024), (128, 1024), (128, 6)])
 def test_decoding_a_few_rows_and_dropping_lanes_keeps_every_lane_exact(n_embd, group, monkeypatch):
