@@ -376,16 +376,11 @@ class DecodeStep:
     cache_pos: torch.Tensor  # (N,) its position, where its key and value are written
     lengths: torch.Tensor    # (B,) each lane's cached tokens before these
     n_new: torch.Tensor      # (B,) its real new tokens: the first n_new[b] of its S
-    S: int                   # the grid's width
     rows: torch.Tensor       # (B,) the lanes' cache rows
     all_rows: bool           # rows is every cache row, in order
     ops: object              # norms and SwiGLU: cpu_kernels on the C attention's path, else the model's
-
-    def attn_mask(self):
-        """(B, 1, S, context): which cached keys each query of the grid sees."""
-        grid_pos = self.lengths[:, None] + torch.arange(self.S, device=self.lengths.device)   # (B, S)
-        keys = torch.arange(int((self.lengths + self.n_new).max()), device=grid_pos.device)
-        return (keys[None, None, :] <= grid_pos[:, :, None])[:, None]
+    attn_mask: torch.Tensor = None  # (B, 1, S, context) which cached keys each query of the grid
+                                    # sees: PyTorch's attention only
 
 
 class CausalSelfAttention(nn.Module):
@@ -455,8 +450,7 @@ class CausalSelfAttention(nn.Module):
         over them from the queries (N, nh, hd) -> (N, nh * hd)."""
         self.k_cache[step.cache_row, :, step.cache_pos] = k.to(self.k_cache.dtype)
         self.v_cache[step.cache_row, :, step.cache_pos] = v.to(self.v_cache.dtype)
-        attn_mask = step.attn_mask()
-        B, _, S, context = attn_mask.shape
+        B, _, S, context = step.attn_mask.shape
         if len(q) == B * S:  # every lane got S tokens: the queries are the grid
             grid = q
         else:  # padding queries are zeros; what they attend to is dropped below
@@ -470,7 +464,8 @@ class CausalSelfAttention(nn.Module):
         shared = k.device.type == 'cpu' and self.n_head > self.n_kv_head
         if not shared:
             k, v = self.share_kv(k), self.share_kv(v)
-        y = F.scaled_dot_product_attention(grid, k, v, attn_mask=attn_mask, enable_gqa=shared)  # (B, nh, S, hd)
+        y = F.scaled_dot_product_attention(grid, k, v, attn_mask=step.attn_mask,
+                                           enable_gqa=shared)                        # (B, nh, S, hd)
         y = y.transpose(1, 2).reshape(B * S, self.n_head * self.head_dim)
         return y if len(q) == B * S else y[step.slot]
 
@@ -687,9 +682,11 @@ class GPT(nn.Module):
         attn = self.blocks[0].attn
         in_c = (attn.keys_in_tiles and self.embed.weight.dtype == torch.float32  # float32 throughout
                 and not torch.is_autocast_enabled(device.type))
+        keys = torch.arange(context, device=device)
+        sees = None if attn.keys_in_tiles else (keys[None, None, :] <= grid_pos[:, :, None])[:, None]
         step = DecodeStep(slot=slot, cache_row=cache_rows[lane], cache_pos=pos, lengths=lengths, n_new=n_new,
-                          S=S, rows=cache_rows, all_rows=rows is None and len(cache_rows) == len(attn.v_cache),
-                          ops=cpu_kernels if in_c else self.ops)
+                          rows=cache_rows, all_rows=rows is None and len(cache_rows) == len(attn.v_cache),
+                          ops=cpu_kernels if in_c else self.ops, attn_mask=sees)
         cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]            # (N, 1, hd/2)
         x = self._through_blocks(self.embed(idx.flatten()[slot]), cos, sin, step)     # (N, C)
         if rows is None:
@@ -721,7 +718,7 @@ class GPT(nn.Module):
         for l0, l1 in zip(cuts, cuts[1:]):
             t0, t1 = starts[l0], starts[l1]
             group = DecodeStep(slot=None, cache_row=None, cache_pos=None, lengths=step.lengths[l0:l1],
-                               n_new=step.n_new[l0:l1], S=step.S, rows=step.rows[l0:l1], all_rows=False,
+                               n_new=step.n_new[l0:l1], rows=step.rows[l0:l1], all_rows=False,
                                ops=step.ops)  # what the C loops read
             y = x[t0:t1]
             for block in self.blocks:
