@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 import configurator
+import cpu_kernels
 import dialog
 import tokenizer as tok
 from model import (DTYPES, GPT, CheckpointError, autocast, check_device, keep_freed_memory, resolve_device,
@@ -136,6 +137,8 @@ class Agent:
         # the token a tool call ends with (ChatML's is end_id); a model with no tool needs none
         self.call_id = dialog.single_token(tokenizer, fmt.tool_call) if sql_tool else None
         stop_ids = [self.end_id] + ([self.call_id] if sql_tool else [])
+        # what every tool answer opens and closes with, tokenized once
+        self.tool_open, self.tool_close = tokenizer.encode(fmt.tool_open), tokenizer.encode(fmt.tool_close)
         self.drafter = Drafter([tokenizer.encode(e) for e in examples], k=draft, stop_ids=stop_ids,
                                device=model.embed.weight.device) if draft else None
 
@@ -148,8 +151,7 @@ class Agent:
         if sql is None:
             return None
         result, ok = self.tool(sql)
-        fmt, tok = self.fmt, self.tok
-        return tok.encode(fmt.tool_open) + tok.encode_ordinary(result) + tok.encode(fmt.tool_close), ok
+        return self.tool_open + self.tok.encode_ordinary(result) + self.tool_close, ok
 
     def encode_prompts(self, questions, histories=None):
         """The token ids that open each question's assistant turn, after its history."""
@@ -217,8 +219,10 @@ class Agent:
                 logits = self._speculate(tokens, length, generated, rows, live, max_new_tokens)
             else:
                 logits = self._advance(tokens, length, rows, live)
-        return [Lane(text=self.tok.decode(tokens[b, :length[b]].tolist()), tool_calls=tool_calls[b],
-                     tool_errors=tool_errors[b], finished=bool(finished[b]), generated=int(generated[b]))
+        dialogs, length = tokens[:, :int(length.max())].tolist(), length.tolist()
+        finished, generated = finished.tolist(), generated.tolist()
+        return [Lane(text=self.tok.decode(dialogs[b][:length[b]]), tool_calls=tool_calls[b],
+                     tool_errors=tool_errors[b], finished=finished[b], generated=generated[b])
                 for b in range(B)]
 
     def _call_tool(self, lanes, tokens, length, turn_start, tool_calls, tool_errors):
@@ -283,7 +287,7 @@ class Agent:
         logits = model.decode(step, n_new, every=True)  # (N, V): after each token fed, lane by lane
         first = (n_new.cumsum(0) - n_new).clamp(max=len(logits) - 1)  # a lane's first row of them
         ahead = torch.arange(width, device=tokens.device)
-        guessed = logits.argmax(-1)[(first[:, None] + ahead).clamp(max=len(logits) - 1)]  # (R, width)
+        guessed = cpu_kernels.argmax(logits)[(first[:, None] + ahead).clamp(max=len(logits) - 1)]  # (R, width)
         agree = (guessed == draft) & (ahead < n_draft[:, None])
         kept = agree.long().cumprod(1).sum(1)                         # (R,) drafted tokens kept
         model.cache_lengths -= n_draft - kept                         # the others leave the cache
@@ -310,7 +314,7 @@ class Agent:
     @staticmethod
     def _sample(logits, temperature, top_k, top_p, generator):
         if temperature == 0:
-            return logits.argmax(-1)
+            return cpu_kernels.argmax(logits)
         logits = logits.float() / temperature
         if top_k:
             kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]

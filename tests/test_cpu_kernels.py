@@ -72,3 +72,18 @@ def test_the_rest_of_a_step_is_model_pys_math(rows, width):
     torch.testing.assert_close(cpu_kernels.swiglu(a, b), model.swiglu(a, b), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(cpu_kernels.swiglu(a[:, :-3], b[:, :-3]), model.swiglu(a[:, :-3], b[:, :-3]),
                                rtol=1e-5, atol=1e-6)  # strided, and not a whole vector at the end
+
+
+@needs_attend
+@pytest.mark.parametrize('rows,width', [(1, 2), (5, 17), (4700, 260), (3, 49152)])
+def test_argmax_is_torchs(rows, width):
+    """The same index as torch.argmax: the first of tied maxima, the first NaN, a row of -inf."""
+    torch.manual_seed(width)
+    x = torch.randn(rows, width)
+    x[0, width // 2:] = x[0].max() + 1  # ties: the first of them
+    if rows > 2:
+        x[1, -1] = float('nan')
+        x[1, width // 3] = float('nan')  # NaNs: the first of them, wherever the largest is
+        x[2] = float('-inf')
+    assert torch.equal(cpu_kernels.argmax(x), x.argmax(-1))
+    assert torch.equal(cpu_kernels.argmax(x[:, :-1]), x[:, :-1].argmax(-1))  # strided rows

@@ -265,3 +265,34 @@ def test_checkpoints_load_as_plain_values_and_pickled_objects_are_refused(tmp_pa
     (tmp_path / 'ckpt.pt').write_bytes((tmp_path / 'ckpt.pt').read_bytes()[:500])  # truncated
     with pytest.raises(CheckpointError, match='cannot be read.*corrupt'):
         GPT.from_checkpoint(str(tmp_path), 'cpu')
+
+
+def transparent_huge_pages():
+    try:
+        with open('/sys/kernel/mm/transparent_hugepage/enabled') as f:
+            return '[never]' not in f.read()
+    except OSError:
+        return False
+
+
+def huge_kb_at(address):
+    """AnonHugePages (kB) of the mapping of this process that holds address."""
+    with open('/proc/self/smaps') as f:
+        inside = False
+        for line in f:
+            head = line.split()[0]
+            if '-' in head and not head.endswith(':'):
+                start, end = (int(a, 16) for a in head.split('-'))
+                inside = start <= address < end
+            elif inside and head == 'AnonHugePages:':
+                return int(line.split()[1])
+    return 0
+
+
+@pytest.mark.skipif(not transparent_huge_pages(), reason='Linux with transparent huge pages')
+def test_a_new_cache_is_backed_by_huge_pages():
+    """setup_cache's new tensors ask for 2 MB pages before their first write (reuse())."""
+    import model
+    cache = model.reuse(None, (16, 1024, 1024), 'cpu', torch.float32)  # 64 MB: its own mapping
+    cache.fill_(1.0)
+    assert huge_kb_at(cache.data_ptr() + cache.numel() * 2) >= 2048
