@@ -81,11 +81,13 @@ def ngram_keys(tokens, n):
 
 class Drafter:
     """Prompt-lookup drafts, batched: a lane's last n tokens are looked up in its own dialog
-    (their latest earlier occurrence), else in a few example dialogs, and the k tokens that
-    followed them there are the draft. What the model writes is mostly copied: the name in the
-    SQL is the question's, the value in the answer the database's, the SQL itself and the
-    sentence around the value are the examples'. A draft stops before a stop token, so the
-    agent still sees every end of turn and tool call one token at a time."""
+    (their latest earlier occurrence), else in a few example dialogs, else its last n - 1 in its
+    own dialog, and the k tokens that followed them there are the draft. What the model writes
+    is mostly copied: the name in the SQL is the question's, the value in the answer the
+    database's, the SQL itself and the sentence around the value are the examples'. The shorter
+    lookup catches a copy in its first tokens: "= 'An" after a question about Anton (at 1024
+    lanes: 39 -> 33 steps, 11% fewer lanes a step, 1% more tokens checked). A draft stops before a
+    stop token, so the agent still sees every end of turn and tool call one token at a time."""
 
     def __init__(self, examples=(), n=3, k=8, stop_ids=(), device='cpu'):
         self.n, self.k = n, k
@@ -108,23 +110,35 @@ class Drafter:
         -> drafts (R, k) and how many of each are real (R,)."""
         n, k, device = self.n, self.k, tokens.device
         tokens = tokens[:, :int(length.max())]
-        keys = ngram_keys(tokens, n)                                   # (R, L - n + 1)
-        last = (length - n).clamp(min=0)                               # where each lane's last n-gram starts
-        suffix = keys.gather(1, last[:, None])                         # (R, 1)
-        starts = torch.arange(keys.size(1), device=device)
-        seen = torch.where((keys == suffix) & (starts < last[:, None]), starts, -1).max(1).values
-        at = (seen + n)[:, None] + torch.arange(k, device=device)      # (R, k)
-        draft = tokens.gather(1, at.clamp(max=tokens.size(1) - 1))
-        count = torch.where(seen >= 0, (length - seen - n).clamp(max=k), 0)
+        shorter = ngram_keys(tokens, n - 1) if n > 1 else None       # (R, L - n + 2)
+        keys = ngram_keys(tokens, n) if n == 1 else (shorter[:, :-1] << 17) | tokens[:, n - 1:]
+        draft, count, suffix = self.lookup(tokens, length, keys, n)
         if len(self.keys):  # no earlier occurrence: the examples'
-            row = torch.searchsorted(self.keys, suffix.squeeze(1)).clamp(max=len(self.keys) - 1)
-            known = (self.keys[row] == suffix.squeeze(1)) & (seen < 0)
+            row = torch.searchsorted(self.keys, suffix).clamp(max=len(self.keys) - 1)
+            known = (self.keys[row] == suffix) & (count == 0)
             draft = torch.where(known[:, None], self.drafts[row], draft)
             count = torch.where(known, self.counts[row], count)
-        count = torch.minimum(count, room.clamp(min=0)) * (length >= n)
+        if n > 1:  # neither: the last n - 1 tokens in the lane's own dialog
+            short_draft, short_count, _ = self.lookup(tokens, length, shorter, n - 1)
+            draft = torch.where((count == 0)[:, None], short_draft, draft)
+            count = torch.where(count == 0, short_count, count)
+        count = torch.minimum(count, room.clamp(min=0))
         # up to the first stop token: it comes from the model, one token a step
         stops = torch.isin(draft, self.stop_ids) | (torch.arange(k, device=device) >= count[:, None])
         return draft, stops.long().argmax(1).where(stops.any(1), count)
+
+    def lookup(self, tokens, length, keys, n):
+        """keys (R, L - n + 1) of each lane's n-grams -> (the k tokens after the latest earlier
+        occurrence of its last n-gram (R, k), how many of them are real (R,), the last n-gram's
+        key (R,))."""
+        last = (length - n).clamp(min=0)                               # where each lane's last n-gram starts
+        suffix = keys.gather(1, last[:, None])                         # (R, 1)
+        starts = torch.arange(keys.size(1), device=tokens.device)
+        seen = torch.where((keys == suffix) & (starts < last[:, None]), starts, -1).max(1).values
+        at = (seen + n)[:, None] + torch.arange(self.k, device=tokens.device)
+        draft = tokens.gather(1, at.clamp(max=tokens.size(1) - 1))
+        count = torch.where(seen >= 0, (length - seen - n).clamp(max=self.k), 0) * (length >= n)
+        return draft, count, suffix.squeeze(1)
 
 
 class Agent:
