@@ -8,14 +8,16 @@ build (no compiler) or the CPU lacks AVX-512 (all but matvec), model.py runs its
              from the projections on: rotation, cache writes, attention. model.py's setup_cache
              then stores the keys in tiles of 16 positions (key_tiles_shape)
     rms_norm, add_rms_norm, swiglu   the rest of such a step (model.py's functions of those names)
+    argmax   each row's largest logit, as torch.argmax (agent.py's greedy steps)
 
 attend: at 1024 lanes, 2 heads, ~140 cached tokens, 2 AMD EPYC cores, `scaled_dot_product_attention`
 takes 8-9 ms a layer with one query a lane and 11-13 ms with drafts of up to 8 more, the
 rotation and cache writes not counted; this takes 3.3 and 5.4-5.9 ms with them. SDPA spends its
 time on small matrix products per lane and head; here a lane's queries share each vector of 16
 keys they load, and the keys' layout, tiles of 16 positions, makes a lane's keys one run of
-memory. At 1024 lanes a step reads ~57 MB of cache a layer, from memory (~10 GB/s): 128 lanes,
-whose cache stays in the CPU's, take half the time a lane. Its e^x is a degree-6 polynomial
+memory. At 1024 lanes a step reads ~57 MB of cache a layer, from memory: 128 lanes, whose cache
+stays in the CPU's, take half the time a lane; over 4 KB pages nearly every lane's keys missed
+the TLB, and a cache on 2 MB pages (model.py's huge_pages) takes 15-20% less. Its e^x is a degree-6 polynomial
 (~1e-7 relative): the outputs agree with SDPA's to ~1e-6.
 """
 import ctypes
