@@ -233,9 +233,9 @@ class Agent:
                 logits = self._speculate(tokens, length, generated, rows, live, max_new_tokens)
             else:
                 logits = self._advance(tokens, length, rows, live)
-        dialogs, length = tokens[:, :int(length.max())].tolist(), length.tolist()
+        dialogs, lengths = tokens[:, :int(length.max())].tolist(), length.tolist()
         finished, generated = finished.tolist(), generated.tolist()
-        return [Lane(text=self.tok.decode(dialogs[b][:length[b]]), tool_calls=tool_calls[b],
+        return [Lane(text=self.tok.decode(dialogs[b][:lengths[b]]), tool_calls=tool_calls[b],
                      tool_errors=tool_errors[b], finished=finished[b], generated=generated[b])
                 for b in range(B)]
 

@@ -21,6 +21,7 @@ import contextlib
 import ctypes
 import math
 import os
+import sys
 import types
 import warnings
 from dataclasses import dataclass
@@ -149,7 +150,7 @@ def huge_pages(tensor):
     (2 AMD EPYC cores). Where the kernel says no (other systems, THP off), nothing changes."""
     start, end = tensor.data_ptr(), tensor.data_ptr() + tensor.numel() * tensor.element_size()
     first, last = (start + HUGE_PAGE - 1) // HUGE_PAGE * HUGE_PAGE, end // HUGE_PAGE * HUGE_PAGE
-    if tensor.device.type == 'cpu' and last > first:
+    if tensor.device.type == 'cpu' and last > first and sys.platform.startswith('linux'):
         try:
             ctypes.CDLL(None).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 14)  # MADV_HUGEPAGE
         except (OSError, AttributeError, TypeError):
