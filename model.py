@@ -144,15 +144,19 @@ def keep_freed_memory():
 
 
 def huge_pages(tensor):
-    """Ask Linux to back a CPU tensor not yet written with 2 MB pages where it spans them ->
-    tensor. agent.py's KV cache is read whole every step, 64 MB a layer at 1024 lanes: over 4 KB
-    pages nearly every read of a lane's keys missed the TLB, and attention took ~20% longer
-    (2 AMD EPYC cores). Where the kernel says no (other systems, THP off), nothing changes."""
+    """Back a new CPU tensor, whose contents do not matter yet, with 2 MB pages where it spans
+    them -> tensor. agent.py's KV cache is read whole every step, 64 MB a layer at 1024 lanes: over
+    4 KB pages nearly every read of a lane's keys missed the TLB, and attention took ~15% longer
+    (2 AMD EPYC cores). Memory malloc hands back from its heap is already paged in 4 KB pages, so
+    those pages are dropped (its contents read as zeros) and fault in again as 2 MB ones. Linux
+    only; where the kernel says no (THP off), nothing changes."""
     start, end = tensor.data_ptr(), tensor.data_ptr() + tensor.numel() * tensor.element_size()
     first, last = (start + HUGE_PAGE - 1) // HUGE_PAGE * HUGE_PAGE, end // HUGE_PAGE * HUGE_PAGE
     if tensor.device.type == 'cpu' and last > first and sys.platform.startswith('linux'):
         try:
-            ctypes.CDLL(None).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 14)  # MADV_HUGEPAGE
+            madvise = ctypes.CDLL(None).madvise
+            if madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 14) == 0:  # MADV_HUGEPAGE
+                madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)        # MADV_DONTNEED
         except (OSError, AttributeError, TypeError):
             pass
     return tensor

@@ -291,8 +291,14 @@ def huge_kb_at(address):
 
 @pytest.mark.skipif(not transparent_huge_pages(), reason='Linux with transparent huge pages')
 def test_a_new_cache_is_backed_by_huge_pages():
-    """setup_cache's new tensors ask for 2 MB pages before their first write (reuse())."""
+    """setup_cache's new tensors are on 2 MB pages (reuse()), fresh from the OS or, as in a long
+    process, memory malloc's heap held on 4 KB pages already."""
     import model
-    cache = model.reuse(None, (16, 1024, 1024), 'cpu', torch.float32)  # 64 MB: its own mapping
-    cache.fill_(1.0)
-    assert huge_kb_at(cache.data_ptr() + cache.numel() * 2) >= 2048
+    model.keep_freed_memory()  # what agent.py and train.py run with: freed blocks stay in the heap
+    held = [torch.ones(4, 1024, 1024) for _ in range(8)]  # 16 MB each, from the heap, paged in
+    del held
+    for shape in ((16, 1024, 1024), (40, 1024, 1024)):  # from that heap; 160 MB: a new mapping
+        cache = model.reuse(None, shape, 'cpu', torch.float32)
+        cache.fill_(1.0)
+        assert huge_kb_at(cache.data_ptr() + cache.numel() * 2) >= 2048
+        del cache
