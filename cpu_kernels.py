@@ -9,6 +9,7 @@ build (no compiler) or the CPU lacks AVX-512 (all but matvec), model.py runs its
              then stores the keys in tiles of 16 positions (key_tiles_shape)
     rms_norm, add_rms_norm, swiglu   the rest of such a step (model.py's functions of those names)
     argmax   each row's largest logit, as torch.argmax (agent.py's greedy steps)
+    few_rows_linear   a Linear layer on a few rows (a pretrained model's decode step of a few lanes)
 
 attend: at 1024 lanes, 2 heads, ~140 cached tokens, 2 AMD EPYC cores, `scaled_dot_product_attention`
 takes 8-9 ms a layer with one query a lane and 11-13 ms with drafts of up to 8 more, the
@@ -285,6 +286,47 @@ void argmax_rows(const float* x, int64_t* out, int64_t N, int64_t C, int threads
         out[n] = at;
     }
 }
+
+/* y (M, N) = x (M, K) W^T for a few rows (M <= 64), W (N, K) as nn.Linear keeps it, K a multiple of
+   16: a weight's rows are read once, 4 at a time, each against MB rows of x, the 4 x MB sums in
+   registers along K and added across their 16 lanes at the end. */
+static inline __attribute__((always_inline)) void rows_times_weights(const float* x, const float* w, float* y,
+        int64_t N, int64_t K, const int MB, const int NB) {
+    __m512 acc[6][4];
+    for (int i = 0; i < MB; i++) for (int j = 0; j < NB; j++) acc[i][j] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+        __m512 wv[4];
+        for (int j = 0; j < NB; j++) wv[j] = _mm512_loadu_ps(w + j * K + k);
+        for (int i = 0; i < MB; i++) {
+            __m512 xv = _mm512_loadu_ps(x + i * K + k);
+            for (int j = 0; j < NB; j++) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
+        }
+    }
+    for (int i = 0; i < MB; i++) for (int j = 0; j < NB; j++) y[i * N + j] = _mm512_reduce_add_ps(acc[i][j]);
+}
+
+void few_rows_linear(const float* x, const float* w, float* y, int64_t M, int64_t N, int64_t K, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n0 = 0; n0 < N; n0 += 4) {
+        for (int64_t m0 = 0; m0 < M; m0 += 6) {
+            const float* xs = x + m0 * K;
+            const float* ws = w + n0 * K;
+            float* ys = y + m0 * N + n0;
+            int mb = M - m0 < 6 ? M - m0 : 6;
+            if (N - n0 < 4)  /* the last weight rows, one at a time */
+                for (int64_t j = 0; j < N - n0; j++)
+                    for (int i = 0; i < mb; i++) rows_times_weights(xs + i * K, ws + j * K, ys + i * N + j, N, K, 1, 1);
+            else switch (mb) {  /* a constant count: the sums stay in registers */
+                case 1: rows_times_weights(xs, ws, ys, N, K, 1, 4); break;
+                case 2: rows_times_weights(xs, ws, ys, N, K, 2, 4); break;
+                case 3: rows_times_weights(xs, ws, ys, N, K, 3, 4); break;
+                case 4: rows_times_weights(xs, ws, ys, N, K, 4, 4); break;
+                case 5: rows_times_weights(xs, ws, ys, N, K, 5, 4); break;
+                default: rows_times_weights(xs, ws, ys, N, K, 6, 4); break;
+            }
+        }
+    }
+}
 #else
 int has_attend(void) { return 0; }
 #endif
@@ -323,6 +365,7 @@ def build():
                 library.add_rms_norm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_float, ctypes.c_void_p] + norm[1:]
                 library.swiglu.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int]
                 library.argmax_rows.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+                library.few_rows_linear.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
             return library
     return None
 
@@ -367,10 +410,15 @@ def matvec(x, codes, scale, offset):
     return y
 
 
+def serves(device, dtype):
+    """Whether the loops below serve tensors of this device and dtype: float32 on a CPU with AVX-512."""
+    return (torch.device(device).type == 'cpu' and dtype == torch.float32 and library() is not None
+            and bool(library().has_attend()))
+
+
 def attends(device, dtype, head_dim):
     """Whether attend serves a KV cache of this device, dtype and head size."""
-    return (torch.device(device).type == 'cpu' and dtype == torch.float32 and head_dim == 32
-            and library() is not None and bool(library().has_attend()))
+    return serves(device, dtype) and head_dim == 32
 
 
 def key_tiles_shape(rows, kv_heads, max_len):
@@ -432,3 +480,24 @@ def argmax(x):
     out = torch.empty(x.size(0), dtype=torch.long)
     library().argmax_rows(x.data_ptr(), out.data_ptr(), x.size(0), x.size(1), torch.get_num_threads())
     return out
+
+
+def serves_linear(x, linear):
+    """Whether linear_rows serves x through this Linear: a decode step of a few lanes (<= 64 rows)
+    of a pretrained model, float32 on CPU, no grad. MKL's sgemm packs the weight anew each call,
+    which at 32 rows of SmolLM2 (weights of 0.3-113 MB from memory) ran at ~70 GFLOP/s against ~95
+    here; small weights (the paper's models, <256 KB) stay with MKL."""
+    w = linear.weight
+    return (x.dim() == 2 and x.size(0) <= 64 and x.size(1) % 16 == 0 and w.numel() >= 65536
+            and x.dtype == w.dtype == torch.float32 and x.device.type == 'cpu' and linear.bias is None
+            and not torch.is_grad_enabled() and w.is_contiguous() and library() is not None
+            and bool(library().has_attend()))
+
+
+def linear_rows(x, weight):
+    """x (M, K) @ weight.T for weight (N, K) -> (M, N): see serves_linear."""
+    x = x.contiguous()
+    y = x.new_empty(x.size(0), weight.size(0))
+    library().few_rows_linear(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.size(0), weight.size(0), x.size(1),
+                              torch.get_num_threads())
+    return y

@@ -223,7 +223,8 @@ def project(x, linears, low_bits=None):
     low_bits: lowbit.py's copy of their weights, one pass over all of them where it serves x."""
     if low_bits is not None and low_bits.serves(x):
         return low_bits(x)
-    outputs = [linear(x) for linear in linears]
+    outputs = [cpu_kernels.linear_rows(x, linear.weight) if cpu_kernels.serves_linear(x, linear) else linear(x)
+               for linear in linears]
     return outputs if len(outputs) > 1 else outputs[0]
 
 
@@ -703,7 +704,7 @@ class GPT(nn.Module):
         lane, pos = slot // S, grid_pos.flatten()[slot]
         cache_rows = self.cache_rows if rows is None else self.cache_rows[rows]
         attn = self.blocks[0].attn
-        in_c = (attn.keys_in_tiles and self.embed.weight.dtype == torch.float32  # float32 throughout
+        in_c = (cpu_kernels.serves(device, self.embed.weight.dtype)  # float32 throughout, on CPU
                 and not torch.is_autocast_enabled(device.type))
         keys = torch.arange(context, device=device)
         sees = None if attn.keys_in_tiles else (keys[None, None, :] <= grid_pos[:, :, None])[:, None]
@@ -718,7 +719,7 @@ class GPT(nn.Module):
             self.cache_lengths[rows] += n_new
         norm = lambda x: step.ops.rms_norm(x, self.norm.weight, self.norm.eps)
         if every:
-            return self.lm_head(norm(x))
+            return project(norm(x), (self.lm_head,))
         last = (n_new.cumsum(0) - 1).clamp(min=0)      # each lane's last real token (N >= 1)
         return project(norm(x[last]), (self.lm_head,), self.low_bits_head)
 
@@ -727,7 +728,7 @@ class GPT(nn.Module):
         the lanes go in groups of ~GROUP_TOKENS tokens, all blocks a group at a time: its
         activations stay in the CPU's caches, and the matrix products run faster on those rows.
         (PyTorch's attention takes the whole (B, S) grid at once.)"""
-        if step.ops is not cpu_kernels or len(x) <= GROUP_TOKENS:
+        if step.ops is not cpu_kernels or not self.blocks[0].attn.keys_in_tiles or len(x) <= GROUP_TOKENS:
             for block in self.blocks:
                 x = block(x, cos, sin, step=step)
             return x
