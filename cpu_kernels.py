@@ -4,8 +4,8 @@ compiler torch.compile uses and called through ctypes on torch's thread count. W
 build (no compiler) or the CPU lacks AVX-512 (all but matvec), model.py runs its PyTorch math.
 
     matvec   one row times a weight kept as low-bit blocks (lowbit.py): a byte a value
-    attend   attention of a decode step over the KV cache, for heads of 32 (the paper's models),
-             from the projections on: rotation, cache writes, attention. model.py's setup_cache
+    attend   attention of a decode step over the KV cache, for heads of 32 (the paper's models)
+             or 64 (SmolLM2), from the projections on: rotation, cache writes, attention. model.py's setup_cache
              then stores the keys in tiles of 16 positions (key_tiles_shape)
     rms_norm, add_rms_norm, swiglu   the rest of such a step (model.py's functions of those names)
     argmax   each row's largest logit, as torch.argmax (agent.py's greedy steps)
@@ -69,18 +69,19 @@ void matvec(const int8_t* codes, const float* scale, const float* offset, const 
     }
 }
 
-/* Decode attention for heads of 32, keys stored in tiles of 16 positions, from the projections on.
-   Lane b's n_new[b] new tokens are rows start .. start + n_new[b] - 1 of q (N, heads, 32) and k,
-   v (N, kv_heads, 32), at positions len[b] .. of cache row row[b]: kt (rows, kv_heads, tiles, 32,
-   16), a tile's 16 positions last, and vc (rows, kv_heads, max_len, 32): a lane's keys and its
-   values are each one run of memory. Each token's q and k are rotated by its position's angles
-   (cos, sin (N, 16): the halves of a head rotate together), its k and v written into the cache,
-   then its query s attends keys 0 .. len[b] + s: scores for 16 keys a vector (a lane's queries
-   share every key it loads), softmax, then the values, into out (N, heads, 32). */
+/* Decode attention for heads of HD = 32 or 64, keys stored in tiles of 16 positions, from the
+   projections on. Lane b's n_new[b] new tokens are rows start .. start + n_new[b] - 1 of q (N,
+   heads, HD) and k, v (N, kv_heads, HD), at positions len[b] .. of cache row row[b]: kt (rows,
+   kv_heads, tiles, HD, 16), a tile's 16 positions last, and vc (rows, kv_heads, max_len, HD): a
+   lane's keys and its values are each one run of memory. Each token's q and k are rotated by its
+   position's angles (cos, sin (N, HD / 2): the halves of a head rotate together), its k and v
+   written into the cache, then its query s attends keys 0 .. len[b] + s: scores for 16 keys a
+   vector (a lane's queries share every key it loads), softmax, then the values, into out (N,
+   heads, HD). */
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #include <math.h>
-#define CHUNK 9  /* queries that share a pass over the keys: 9 x 2 accumulators stay in registers */
+#define CHUNK 9  /* queries that share a pass over the keys: their 9 x HD / 16 sums stay in registers */
 int has_attend(void) { return 1; }
 
 static inline __m512 exp_nonpositive(__m512 x) {  /* e^x for x <= 0: 2^n e^r, |r| <= ln2/2, degree 6 */
@@ -98,21 +99,22 @@ static inline __m512 exp_nonpositive(__m512 x) {  /* e^x for x <= 0: 2^n e^r, |r
     return _mm512_scalef_ps(p, n);
 }
 
-/* ns (<= CHUNK) queries of one lane and head, `stride` floats apart, at positions len .. len + ns - 1 */
+/* ns (<= chunk) queries of one lane and head, `stride` floats apart, at positions len .. len + ns - 1 */
 static inline __attribute__((always_inline)) void attend_queries(const float* Q, const float* K, const float* V,
-        float* O, int64_t stride_q, int64_t len, float* p, const int ns) {
+        float* O, int64_t stride_q, int64_t len, float* p, const int ns, const int HD) {
     int64_t n = len + ns, width = (n + 15) & ~15;  /* p: ns rows of scores */
+    const float scale = HD == 32 ? 0.17677669529663687f : 0.125f;  /* 1 / sqrt(HD) */
     for (int64_t j0 = 0; j0 < n; j0 += 16) {
         __m512 acc[CHUNK];
         for (int s = 0; s < ns; s++) acc[s] = _mm512_setzero_ps();
-        for (int d = 0; d < 32; d++) {  /* a tile: past the keys written, its scores are dropped below */
-            __m512 keys = _mm512_loadu_ps(K + j0 * 32 + d * 16);
+        for (int d = 0; d < HD; d++) {  /* a tile: past the keys written, its scores are dropped below */
+            __m512 keys = _mm512_loadu_ps(K + j0 * HD + d * 16);
             for (int s = 0; s < ns; s++) acc[s] = _mm512_fmadd_ps(_mm512_set1_ps(Q[s * stride_q + d]), keys, acc[s]);
         }
         for (int s = 0; s < ns; s++)
-            _mm512_storeu_ps(p + s * width + j0, _mm512_mul_ps(acc[s], _mm512_set1_ps(0.17677669529663687f)));
+            _mm512_storeu_ps(p + s * width + j0, _mm512_mul_ps(acc[s], _mm512_set1_ps(scale)));
     }
-    __m512 o[CHUNK][2];
+    __m512 o[CHUNK][4];
     float total[CHUNK];
     for (int s = 0; s < ns; s++) {
         float* ps = p + s * width;
@@ -129,36 +131,58 @@ static inline __attribute__((always_inline)) void attend_queries(const float* Q,
         }
         for (int64_t j = (m + 15) & ~15; j < width; j++) ps[j] = 0;  /* keys the next queries see */
         total[s] = _mm512_reduce_add_ps(sum);
-        o[s][0] = o[s][1] = _mm512_setzero_ps();
+        for (int c = 0; c < HD / 16; c++) o[s][c] = _mm512_setzero_ps();
     }
     for (int64_t j = 0; j < n; j++) {  /* past a query's keys its weights are 0 */
-        __m512 v0 = _mm512_loadu_ps(V + j * 32), v1 = _mm512_loadu_ps(V + j * 32 + 16);
+        __m512 v[4];
+        for (int c = 0; c < HD / 16; c++) v[c] = _mm512_loadu_ps(V + j * HD + c * 16);
         for (int s = 0; s < ns; s++) {
             __m512 w = _mm512_set1_ps(p[s * width + j]);
-            o[s][0] = _mm512_fmadd_ps(w, v0, o[s][0]);
-            o[s][1] = _mm512_fmadd_ps(w, v1, o[s][1]);
+            for (int c = 0; c < HD / 16; c++) o[s][c] = _mm512_fmadd_ps(w, v[c], o[s][c]);
         }
     }
     for (int s = 0; s < ns; s++) {
         __m512 inverse = _mm512_set1_ps(1.0f / total[s]);
-        _mm512_storeu_ps(O + s * stride_q, _mm512_mul_ps(o[s][0], inverse));
-        _mm512_storeu_ps(O + s * stride_q + 16, _mm512_mul_ps(o[s][1], inverse));
+        for (int c = 0; c < HD / 16; c++) _mm512_storeu_ps(O + s * stride_q + c * 16, _mm512_mul_ps(o[s][c], inverse));
     }
 }
 
-static inline void rotate(float* out, const float* x, const float* cos, const float* sin) {  /* a head of 32 */
-    __m512 x1 = _mm512_loadu_ps(x), x2 = _mm512_loadu_ps(x + 16);
-    __m512 c = _mm512_loadu_ps(cos), s = _mm512_loadu_ps(sin);
-    _mm512_storeu_ps(out, _mm512_sub_ps(_mm512_mul_ps(x1, c), _mm512_mul_ps(x2, s)));
-    _mm512_storeu_ps(out + 16, _mm512_add_ps(_mm512_mul_ps(x1, s), _mm512_mul_ps(x2, c)));
+static inline void rotate(float* out, const float* x, const float* cos, const float* sin, int64_t hd) {
+    for (int64_t c = 0; c < hd / 2; c += 16) {  /* the halves of a head rotate together */
+        __m512 x1 = _mm512_loadu_ps(x + c), x2 = _mm512_loadu_ps(x + hd / 2 + c);
+        __m512 co = _mm512_loadu_ps(cos + c), si = _mm512_loadu_ps(sin + c);
+        _mm512_storeu_ps(out + c, _mm512_sub_ps(_mm512_mul_ps(x1, co), _mm512_mul_ps(x2, si)));
+        _mm512_storeu_ps(out + hd / 2 + c, _mm512_add_ps(_mm512_mul_ps(x1, si), _mm512_mul_ps(x2, co)));
+    }
+}
+
+/* a constant count of queries and head size: the sums stay in registers (9 queries of 32, 4 of 64) */
+static void attend_chunk(const float* Q, const float* K, const float* V, float* O, int64_t stride, int64_t len,
+                         float* p, int64_t ns, int64_t hd) {
+    if (hd == 32) switch (ns) {
+        case 1: attend_queries(Q, K, V, O, stride, len, p, 1, 32); break;
+        case 2: attend_queries(Q, K, V, O, stride, len, p, 2, 32); break;
+        case 3: attend_queries(Q, K, V, O, stride, len, p, 3, 32); break;
+        case 4: attend_queries(Q, K, V, O, stride, len, p, 4, 32); break;
+        case 5: attend_queries(Q, K, V, O, stride, len, p, 5, 32); break;
+        case 6: attend_queries(Q, K, V, O, stride, len, p, 6, 32); break;
+        case 7: attend_queries(Q, K, V, O, stride, len, p, 7, 32); break;
+        case 8: attend_queries(Q, K, V, O, stride, len, p, 8, 32); break;
+        default: attend_queries(Q, K, V, O, stride, len, p, 9, 32); break;
+    } else switch (ns) {
+        case 1: attend_queries(Q, K, V, O, stride, len, p, 1, 64); break;
+        case 2: attend_queries(Q, K, V, O, stride, len, p, 2, 64); break;
+        case 3: attend_queries(Q, K, V, O, stride, len, p, 3, 64); break;
+        default: attend_queries(Q, K, V, O, stride, len, p, 4, 64); break;
+    }
 }
 
 void attend(const float* q, const float* k, const float* v, const float* cos, const float* sin, float* kt,
             float* vc, const int64_t* row, const int64_t* len, const int64_t* n_new, float* out,
-            int64_t lanes, int64_t heads, int64_t kv_heads, int64_t max_len, int threads) {
+            int64_t lanes, int64_t heads, int64_t kv_heads, int64_t max_len, int64_t hd, int threads) {
     int64_t* start = malloc(sizeof(int64_t) * (lanes + 1));  /* lane b's first token */
     int64_t most = 0;                                           /* the most tokens a lane has */
-    int64_t tiles = (max_len + 15) / 16;
+    int64_t tiles = (max_len + 15) / 16, chunk = hd == 32 ? 9 : 4;
     start[0] = 0;
     for (int64_t b = 0; b < lanes; b++) {
         start[b + 1] = start[b] + n_new[b];
@@ -167,41 +191,30 @@ void attend(const float* q, const float* k, const float* v, const float* cos, co
     #pragma omp parallel num_threads(threads)
     {
         float* p = malloc(sizeof(float) * CHUNK * (max_len + 16));
-        float* rotated = malloc(sizeof(float) * (most * heads * 32 + 32));  /* a lane's queries, then a key */
+        float* rotated = malloc(sizeof(float) * (most * heads * hd + hd));  /* a lane's queries, then a key */
         #pragma omp for schedule(dynamic, 8)
         for (int64_t b = 0; b < lanes; b++) {
             for (int64_t t = start[b]; t < start[b + 1]; t++) {  /* rotate, and write the cache */
                 int64_t s = t - start[b], pos = len[b] + s;
+                const float *c = cos + t * hd / 2, *si = sin + t * hd / 2;
                 for (int64_t h = 0; h < heads; h++)
-                    rotate(rotated + (s * heads + h) * 32, q + (t * heads + h) * 32, cos + t * 16, sin + t * 16);
+                    rotate(rotated + (s * heads + h) * hd, q + (t * heads + h) * hd, c, si, hd);
                 for (int64_t h = 0; h < kv_heads; h++) {
-                    float* key = rotated + most * heads * 32;
-                    rotate(key, k + (t * kv_heads + h) * 32, cos + t * 16, sin + t * 16);
+                    float* key = rotated + most * heads * hd;
+                    rotate(key, k + (t * kv_heads + h) * hd, c, si, hd);
                     int64_t at = row[b] * kv_heads + h;
-                    for (int d = 0; d < 32; d++) kt[((at * tiles + pos / 16) * 32 + d) * 16 + pos % 16] = key[d];
-                    for (int d = 0; d < 32; d++) vc[(at * max_len + pos) * 32 + d] = v[(t * kv_heads + h) * 32 + d];
+                    for (int64_t d = 0; d < hd; d++) kt[((at * tiles + pos / 16) * hd + d) * 16 + pos % 16] = key[d];
+                    for (int64_t d = 0; d < hd; d++) vc[(at * max_len + pos) * hd + d] = v[(t * kv_heads + h) * hd + d];
                 }
             }
             for (int64_t h = 0; h < heads; h++) {
                 int64_t at = row[b] * kv_heads + h / (heads / kv_heads);
-                const float* K = kt + at * tiles * 512;
-                const float* V = vc + at * max_len * 32;
-                for (int64_t s0 = 0; s0 < n_new[b]; s0 += CHUNK) {
-                    int64_t t = start[b] + s0, ns = n_new[b] - s0 < CHUNK ? n_new[b] - s0 : CHUNK;
-                    const float* Q = rotated + (s0 * heads + h) * 32;
-                    float* O = out + (t * heads + h) * 32;
-                    int64_t stride = heads * 32, len0 = len[b] + s0;
-                    switch (ns) {  /* a constant count: the accumulators stay in registers */
-                        case 1: attend_queries(Q, K, V, O, stride, len0, p, 1); break;
-                        case 2: attend_queries(Q, K, V, O, stride, len0, p, 2); break;
-                        case 3: attend_queries(Q, K, V, O, stride, len0, p, 3); break;
-                        case 4: attend_queries(Q, K, V, O, stride, len0, p, 4); break;
-                        case 5: attend_queries(Q, K, V, O, stride, len0, p, 5); break;
-                        case 6: attend_queries(Q, K, V, O, stride, len0, p, 6); break;
-                        case 7: attend_queries(Q, K, V, O, stride, len0, p, 7); break;
-                        case 8: attend_queries(Q, K, V, O, stride, len0, p, 8); break;
-                        default: attend_queries(Q, K, V, O, stride, len0, p, 9); break;
-                    }
+                const float* K = kt + at * tiles * 16 * hd;
+                const float* V = vc + at * max_len * hd;
+                for (int64_t s0 = 0; s0 < n_new[b]; s0 += chunk) {
+                    int64_t t = start[b] + s0, ns = n_new[b] - s0 < chunk ? n_new[b] - s0 : chunk;
+                    attend_chunk(rotated + (s0 * heads + h) * hd, K, V, out + (t * heads + h) * hd, heads * hd,
+                                 len[b] + s0, p, ns, hd);
                 }
             }
         }
@@ -302,7 +315,18 @@ static inline __attribute__((always_inline)) void rows_times_weights(const float
             for (int j = 0; j < NB; j++) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
         }
     }
-    for (int i = 0; i < MB; i++) for (int j = 0; j < NB; j++) y[i * N + j] = _mm512_reduce_add_ps(acc[i][j]);
+    if (NB == 4)
+        for (int i = 0; i < MB; i++) {  /* a row's 4 sums of 16 lanes -> 4 floats in one tree */
+            __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(acc[i][0], acc[i][1]), _mm512_unpackhi_ps(acc[i][0], acc[i][1]));
+            __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(acc[i][2], acc[i][3]), _mm512_unpackhi_ps(acc[i][2], acc[i][3]));
+            __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(s01), _mm512_castps_pd(s23));
+            __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(s01), _mm512_castps_pd(s23));
+            __m512 t = _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));  /* 4 lanes of 128 bits */
+            __m256 half = _mm256_add_ps(_mm512_castps512_ps256(t), _mm512_extractf32x8_ps(t, 1));
+            _mm_storeu_ps(y + i * N, _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1)));
+        }
+    else
+        for (int i = 0; i < MB; i++) for (int j = 0; j < NB; j++) y[i * N + j] = _mm512_reduce_add_ps(acc[i][j]);
 }
 
 void few_rows_linear(const float* x, const float* w, float* y, int64_t M, int64_t N, int64_t K, int threads) {
@@ -359,7 +383,7 @@ def build():
                 return None
             library.matvec.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_int]
             if library.has_attend():
-                library.attend.argtypes = [ctypes.c_void_p] * 11 + [ctypes.c_int64] * 4 + [ctypes.c_int]
+                library.attend.argtypes = [ctypes.c_void_p] * 11 + [ctypes.c_int64] * 5 + [ctypes.c_int]
                 norm = [ctypes.c_float, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
                 library.rms_norm.argtypes = [ctypes.c_void_p] * 2 + norm
                 library.add_rms_norm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_float, ctypes.c_void_p] + norm[1:]
@@ -417,29 +441,30 @@ def serves(device, dtype):
 
 
 def attends(device, dtype, head_dim):
-    """Whether attend serves a KV cache of this device, dtype and head size."""
-    return serves(device, dtype) and head_dim == 32
+    """Whether attend serves a KV cache of this device, dtype and head size (32: the paper's
+    models; 64: SmolLM2's)."""
+    return serves(device, dtype) and head_dim in (32, 64)
 
 
-def key_tiles_shape(rows, kv_heads, max_len):
-    """The key cache's shape as attend stores it: (rows, kv_heads, tiles, 32, 16), tiles of 16
-    positions: [r, h, p // 16, :, p % 16] is row r's key of head h at position p."""
-    return torch.Size((rows, kv_heads, -(-max_len // 16), 32, 16))
+def key_tiles_shape(rows, kv_heads, max_len, head_dim=32):
+    """The key cache's shape as attend stores it: (rows, kv_heads, tiles, head_dim, 16), tiles of
+    16 positions: [r, h, p // 16, :, p % 16] is row r's key of head h at position p."""
+    return torch.Size((rows, kv_heads, -(-max_len // 16), head_dim, 16))
 
 
 def attend(q, k, v, cos, sin, k_tiles, v_cache, rows, lengths, n_new):
     """A decode step's attention from its projections: lane b's n_new[b] tokens, in lane order,
-    are rows of q (N, heads * 32), k, v (N, kv_heads * 32), at positions lengths[b] .. of cache
-    row rows[b]. Rotates q and k by cos, sin (N, 16), writes k and v into k_tiles (of
-    key_tiles_shape) and v_cache (rows, kv_heads, max_len, 32) -> (N, heads * 32)."""
+    are rows of q (N, heads * hd), k, v (N, kv_heads * hd), at positions lengths[b] .. of cache
+    row rows[b]. Rotates q and k by cos, sin (N, hd / 2), writes k and v into k_tiles (of
+    key_tiles_shape) and v_cache (rows, kv_heads, max_len, hd) -> (N, heads * hd)."""
     q, k, v, cos, sin = (t.contiguous() for t in (q, k, v, cos, sin))
     out = torch.empty_like(q)
     rows, lengths, n_new = (t.to(torch.int64).contiguous() for t in (rows, lengths, n_new))
-    kv_heads, max_len = v_cache.size(1), v_cache.size(2)
+    kv_heads, max_len, head_dim = v_cache.shape[1:]
     library().attend(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(),
                      k_tiles.data_ptr(), v_cache.data_ptr(), rows.data_ptr(), lengths.data_ptr(),
-                     n_new.data_ptr(), out.data_ptr(), len(n_new), q.size(1) // 32, kv_heads, max_len,
-                     torch.get_num_threads())
+                     n_new.data_ptr(), out.data_ptr(), len(n_new), q.size(1) // head_dim, kv_heads, max_len,
+                     head_dim, torch.get_num_threads())
     return out
 
 

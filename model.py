@@ -460,7 +460,7 @@ class CausalSelfAttention(nn.Module):
     def setup_cache(self, batch_size, max_len, device, dtype):
         shape = (batch_size, self.n_kv_head, max_len, self.head_dim)
         self.keys_in_tiles = cpu_kernels.attends(device, dtype, self.head_dim)
-        k_shape = cpu_kernels.key_tiles_shape(*shape[:3]) if self.keys_in_tiles else shape
+        k_shape = cpu_kernels.key_tiles_shape(*shape) if self.keys_in_tiles else shape
         # the last cache again where it fits: a new one's pages fault in as they are first
         # written (~65k faults for agent.py's 1024 lanes on CPU, ~5% of its batch)
         self.k_cache = reuse(self.k_cache, k_shape, device, dtype)

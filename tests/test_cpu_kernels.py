@@ -1,7 +1,7 @@
 """cpu_kernels.py's decode attention against model.py's rotation and PyTorch's
-scaled_dot_product_attention, on caches of random keys and values: lanes of different lengths,
-several new tokens a lane (more than one pass of nine), none, grouped kv heads, and rows that end
-off a vector's width."""
+scaled_dot_product_attention, on caches of random keys and values: heads of 32 and 64, lanes of
+different lengths, several new tokens a lane (more than one pass of a chunk), none, grouped kv
+heads, and rows that end off a vector's width."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,37 +16,39 @@ needs_attend = pytest.mark.skipif(not cpu_kernels.attends('cpu', torch.float32, 
 def reference(q, k, v, cos, sin, k_cache, v_cache, rows, lengths, n_new):
     """model.py's way: rotate, write the cache rows, then each lane's queries over keys up to
     their own positions -> (out (N, heads * 32), the caches written)."""
-    N, heads, kv_heads = q.size(0), q.size(1) // 32, k.size(1) // 32
-    q = apply_rope(q.view(N, heads, 32), cos[:, None], sin[:, None])
-    k = apply_rope(k.view(N, kv_heads, 32), cos[:, None], sin[:, None])
+    hd = v_cache.size(3)
+    N, heads, kv_heads = q.size(0), q.size(1) // hd, k.size(1) // hd
+    q = apply_rope(q.view(N, heads, hd), cos[:, None], sin[:, None])
+    k = apply_rope(k.view(N, kv_heads, hd), cos[:, None], sin[:, None])
     lane = torch.repeat_interleave(torch.arange(len(n_new)), n_new)
     pos = lengths[lane] + torch.arange(N) - (n_new.cumsum(0) - n_new)[lane]
     k_cache, v_cache = k_cache.clone(), v_cache.clone()
     k_cache[rows[lane], :, pos] = k
-    v_cache[rows[lane], :, pos] = v.view(N, kv_heads, 32)
-    out = torch.empty(N, heads, 32)
+    v_cache[rows[lane], :, pos] = v.view(N, kv_heads, hd)
+    out = torch.empty(N, heads, hd)
     for t in range(N):
         keys, values = k_cache[rows[lane[t]], :, :pos[t] + 1], v_cache[rows[lane[t]], :, :pos[t] + 1]
         out[t] = F.scaled_dot_product_attention(q[t][:, None], keys, values, enable_gqa=True)[:, 0]
-    return out.view(N, heads * 32), k_cache, v_cache
+    return out.view(N, heads * hd), k_cache, v_cache
 
 
 @needs_attend
-@pytest.mark.parametrize('heads,kv_heads,max_len', [(2, 2, 64), (4, 2, 90), (6, 3, 37)])
-def test_attend_is_rope_then_pytorchs_attention(heads, kv_heads, max_len):
+@pytest.mark.parametrize('heads,kv_heads,max_len,hd', [(2, 2, 64, 32), (4, 2, 90, 32), (6, 3, 37, 32),
+                                                       (9, 3, 50, 64), (2, 2, 40, 64)])  # 64: SmolLM2's
+def test_attend_is_rope_then_pytorchs_attention(heads, kv_heads, max_len, hd):
     torch.manual_seed(heads + max_len)
-    k_cache = torch.randn(9, kv_heads, max_len, 32)  # two rows no lane reads
-    v_cache = torch.randn(9, kv_heads, max_len, 32)
+    k_cache = torch.randn(9, kv_heads, max_len, hd)  # two rows no lane reads
+    v_cache = torch.randn(9, kv_heads, max_len, hd)
     rows = torch.tensor([8, 0, 3, 1, 2, 7, 5])    # lane b's cache row
     n_new = torch.tensor([12, 1, 9, 0, 10, 3, 1])
     lengths = torch.tensor([0, max_len - 1, 20, 5, max_len - 12, 1, 30])
     N = int(n_new.sum())
-    q, k, v = torch.randn(N, heads * 32), torch.randn(N, kv_heads * 32), torch.randn(N, kv_heads * 32)
+    q, k, v = torch.randn(N, heads * hd), torch.randn(N, kv_heads * hd), torch.randn(N, kv_heads * hd)
     lane = torch.repeat_interleave(torch.arange(7), n_new)
     pos = lengths[lane] + torch.arange(N) - (n_new.cumsum(0) - n_new)[lane]
-    cos, sin = (table[pos] for table in rope_table(32, max_len, 10000.0))
+    cos, sin = (table[pos] for table in rope_table(hd, max_len, 10000.0))
     expected, k_expected, v_expected = reference(q, k, v, cos, sin, k_cache, v_cache, rows, lengths, n_new)
-    k_tiles = torch.empty(cpu_kernels.key_tiles_shape(9, kv_heads, max_len))
+    k_tiles = torch.empty(cpu_kernels.key_tiles_shape(9, kv_heads, max_len, hd))
     inputs = q.clone(), k.clone(), v.clone()
     tiles = lambda keys: F.pad(keys, (0, 0, 0, 16 * k_tiles.size(2) - max_len)).unflatten(2, (-1, 16)).transpose(3, 4)
     k_tiles.copy_(tiles(k_cache))
