@@ -71,10 +71,12 @@ def is_correct(answer, expected):
     return re.search(r'(?<![\w/])' + re.escape(expected) + r'(?![\w/])', answer) is not None
 
 
-def ngram_keys(tokens, n):
-    """One int64 per run of n tokens (ids below 2**17, n <= 3): keys[..., i] for tokens[..., i:i+n]."""
-    keys = tokens[..., :tokens.size(-1) - n + 1]
-    for i in range(1, n):
+def ngram_keys(tokens, n, shorter=None):
+    """One int64 per run of n tokens (ids below 2**17, n <= 3): keys[..., i] for tokens[..., i:i+n].
+    shorter: ngram_keys(tokens, n - 1) where already at hand, extended by one token, not rebuilt."""
+    first = 1 if shorter is None else n - 1  # the tokens already in the keys
+    keys = tokens[..., :tokens.size(-1) - n + 1] if shorter is None else shorter[..., :-1]
+    for i in range(first, n):
         keys = (keys << 17) | tokens[..., i:tokens.size(-1) - n + 1 + i]
     return keys
 
@@ -111,7 +113,7 @@ class Drafter:
         n, k, device = self.n, self.k, tokens.device
         tokens = tokens[:, :int(length.max())]
         shorter = ngram_keys(tokens, n - 1) if n > 1 else None       # (R, L - n + 2)
-        keys = ngram_keys(tokens, n) if n == 1 else (shorter[:, :-1] << 17) | tokens[:, n - 1:]
+        keys = ngram_keys(tokens, n, shorter)                          # (R, L - n + 1)
         draft, count, suffix = self.lookup(tokens, length, keys, n)
         if len(self.keys):  # no earlier occurrence: the examples'
             row = torch.searchsorted(self.keys, suffix).clamp(max=len(self.keys) - 1)

@@ -81,7 +81,7 @@ void matvec(const int8_t* codes, const float* scale, const float* offset, const 
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #include <math.h>
-#define CHUNK 9  /* queries that share a pass over the keys: their 9 x HD / 16 sums stay in registers */
+#define CHUNK 9  /* the most queries that share a pass over the keys (attend_chunk: 9 of 32, 4 of 64) */
 int has_attend(void) { return 1; }
 
 static inline __m512 exp_nonpositive(__m512 x) {  /* e^x for x <= 0: 2^n e^r, |r| <= ln2/2, degree 6 */
@@ -473,7 +473,8 @@ def attend(q, k, v, cos, sin, k_tiles, v_cache, rows, lengths, n_new):
 
 
 # The same math as model.py's PyTorch functions of these names, for float32 on CPU and no autograd:
-# model.py's decode runs them where it runs attend (one pass over the rows instead of several ops).
+# model.py's decode runs them in every float32 step on a CPU they serve (one pass over the rows
+# instead of several ops).
 
 def rms_norm(x, weight, eps):
     x = x.contiguous()
@@ -502,8 +503,7 @@ def swiglu(a, b):
 def argmax(x):
     """x.argmax(-1): one pass over each row for float32 (N, V) on CPU, where agent.py's drafted
     steps took torch's ~25 ms a batch of 1024 on logits of ~5k x 260; else torch's."""
-    if not (x.device.type == 'cpu' and x.dtype == torch.float32 and x.dim() == 2 and x.size(1)
-            and library() is not None and library().has_attend()):
+    if not (x.dim() == 2 and x.size(1) and serves(x.device, x.dtype)):
         return x.argmax(-1)
     x = x.contiguous()
     out = torch.empty(x.size(0), dtype=torch.long)
@@ -518,9 +518,8 @@ def serves_linear(x, linear):
     here; small weights (the paper's models, <256 KB) stay with MKL."""
     w = linear.weight
     return (x.dim() == 2 and x.size(0) <= 64 and x.size(1) % 16 == 0 and w.numel() >= 65536
-            and x.dtype == w.dtype == torch.float32 and x.device.type == 'cpu' and linear.bias is None
-            and not torch.is_grad_enabled() and w.is_contiguous() and library() is not None
-            and bool(library().has_attend()))
+            and x.dtype == w.dtype and w.is_contiguous() and linear.bias is None
+            and not torch.is_grad_enabled() and serves(x.device, x.dtype))
 
 
 def linear_rows(x, weight):

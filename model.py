@@ -402,7 +402,7 @@ class DecodeStep:
     n_new: torch.Tensor      # (B,) its real new tokens: the first n_new[b] of its S
     rows: torch.Tensor       # (B,) the lanes' cache rows
     all_rows: bool           # rows is every cache row, in order
-    ops: object              # norms and SwiGLU: cpu_kernels on the C attention's path, else the model's
+    ops: object              # norms and SwiGLU: cpu_kernels in a float32 step on a CPU they serve, else the model's
     attn_mask: torch.Tensor = None  # (B, 1, S, context) which cached keys each query of the grid
                                     # sees: PyTorch's attention only
 
@@ -706,8 +706,9 @@ class GPT(nn.Module):
         attn = self.blocks[0].attn
         in_c = (cpu_kernels.serves(device, self.embed.weight.dtype)  # float32 throughout, on CPU
                 and not torch.is_autocast_enabled(device.type))
-        keys = torch.arange(context, device=device)
-        sees = None if attn.keys_in_tiles else (keys[None, None, :] <= grid_pos[:, :, None])[:, None]
+        sees = None  # which cached keys each query of the grid sees: PyTorch's attention only
+        if not attn.keys_in_tiles:
+            sees = (torch.arange(context, device=device)[None, None, :] <= grid_pos[:, :, None])[:, None]
         step = DecodeStep(slot=slot, cache_row=cache_rows[lane], cache_pos=pos, lengths=lengths, n_new=n_new,
                           rows=cache_rows, all_rows=rows is None and len(cache_rows) == len(attn.v_cache),
                           ops=cpu_kernels if in_c else self.ops, attn_mask=sees)
