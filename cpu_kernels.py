@@ -9,7 +9,8 @@ build (no compiler) or the CPU lacks AVX-512 (all but matvec), model.py runs its
              then stores the keys in tiles of 16 positions (key_tiles_shape)
     rms_norm, add_rms_norm, swiglu   the rest of such a step (model.py's functions of those names)
     argmax   each row's largest logit, as torch.argmax (agent.py's greedy steps)
-    few_rows_linear   a Linear layer on a few rows (a pretrained model's decode step of a few lanes)
+    linear_rows   a Linear layer without autograd over a weight of >= 64k values (a pretrained model's
+             prefill and decode steps)
 
 attend: at 1024 lanes, 2 heads, ~140 cached tokens, 2 AMD EPYC cores, `scaled_dot_product_attention`
 takes 8-9 ms a layer with one query a lane and 11-13 ms with drafts of up to 8 more, the
@@ -300,10 +301,10 @@ void argmax_rows(const float* x, int64_t* out, int64_t N, int64_t C, int threads
     }
 }
 
-/* y (M, N) = x (M, K) W^T for a few rows (M <= 64), W (N, K) as nn.Linear keeps it, K a multiple of
-   16: a weight's rows are read once, 4 at a time, each against MB rows of x, the 4 x MB sums in
-   registers along K and added across their 16 lanes at the end. (A prefetch past a weight's end
-   does not fault.) */
+/* y (M, N) = x (M, K) W^T, W (N, K) as nn.Linear keeps it, K a multiple of 16, in chunks of 64 rows of
+   x: the weight's rows are read once a chunk, 4 at a time, each against MB rows of x, the 4 x MB
+   sums in registers along K and added across their 16 lanes at the end. (A prefetch past a
+   weight's end does not fault.) */
 static inline __attribute__((always_inline)) void rows_times_weights(const float* x, const float* w, float* y,
         int64_t N, int64_t K, const int MB, const int NB) {
     __m512 acc[6][4];
@@ -316,6 +317,8 @@ static inline __attribute__((always_inline)) void rows_times_weights(const float
         }
         for (int i = 0; i < MB; i++) {
             __m512 xv = _mm512_loadu_ps(x + i * K + k);
+            __asm__("" : "+v"(xv));  /* in a register: else gcc reloads it for each product, 28 loads a step
+                                       not 10, and the loop runs ~1.5x slower */
             for (int j = 0; j < NB; j++) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
         }
     }
@@ -333,24 +336,30 @@ static inline __attribute__((always_inline)) void rows_times_weights(const float
         for (int i = 0; i < MB; i++) for (int j = 0; j < NB; j++) y[i * N + j] = _mm512_reduce_add_ps(acc[i][j]);
 }
 
-void few_rows_linear(const float* x, const float* w, float* y, int64_t M, int64_t N, int64_t K, int threads) {
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n0 = 0; n0 < N; n0 += 4) {
-        for (int64_t m0 = 0; m0 < M; m0 += 6) {
-            const float* xs = x + m0 * K;
-            const float* ws = w + n0 * K;
-            float* ys = y + m0 * N + n0;
-            int mb = M - m0 < 6 ? M - m0 : 6;
-            if (N - n0 < 4)  /* the last weight rows, one at a time */
-                for (int64_t j = 0; j < N - n0; j++)
-                    for (int i = 0; i < mb; i++) rows_times_weights(xs + i * K, ws + j * K, ys + i * N + j, N, K, 1, 1);
-            else switch (mb) {  /* a constant count: the sums stay in registers */
-                case 1: rows_times_weights(xs, ws, ys, N, K, 1, 4); break;
-                case 2: rows_times_weights(xs, ws, ys, N, K, 2, 4); break;
-                case 3: rows_times_weights(xs, ws, ys, N, K, 3, 4); break;
-                case 4: rows_times_weights(xs, ws, ys, N, K, 4, 4); break;
-                case 5: rows_times_weights(xs, ws, ys, N, K, 5, 4); break;
-                default: rows_times_weights(xs, ws, ys, N, K, 6, 4); break;
+void linear_rows(const float* x, const float* w, float* y, int64_t M, int64_t N, int64_t K, int threads) {
+    #pragma omp parallel num_threads(threads)
+    for (int64_t c0 = 0; c0 < M; c0 += 64) {  /* every thread walks the chunks; each splits the weight */
+        int64_t rows = M - c0 < 64 ? M - c0 : 64, blocks = (rows + 5) / 6;
+        #pragma omp for schedule(static)
+        for (int64_t n0 = 0; n0 < N; n0 += 4) {
+            /* blocks of rows as even as may be: 32 rows as 6 6 5 5 5 5, not 6 6 6 6 6 2 */
+            for (int64_t b = 0, m0 = c0; b < blocks; b++) {
+                int mb = (int)((c0 + rows - m0 + blocks - b - 1) / (blocks - b));
+                const float* xs = x + m0 * K;
+                const float* ws = w + n0 * K;
+                float* ys = y + m0 * N + n0;
+                m0 += mb;
+                if (N - n0 < 4)  /* the last weight rows, one at a time */
+                    for (int64_t j = 0; j < N - n0; j++)
+                        for (int i = 0; i < mb; i++) rows_times_weights(xs + i * K, ws + j * K, ys + i * N + j, N, K, 1, 1);
+                else switch (mb) {  /* a constant count: the sums stay in registers */
+                    case 1: rows_times_weights(xs, ws, ys, N, K, 1, 4); break;
+                    case 2: rows_times_weights(xs, ws, ys, N, K, 2, 4); break;
+                    case 3: rows_times_weights(xs, ws, ys, N, K, 3, 4); break;
+                    case 4: rows_times_weights(xs, ws, ys, N, K, 4, 4); break;
+                    case 5: rows_times_weights(xs, ws, ys, N, K, 5, 4); break;
+                    default: rows_times_weights(xs, ws, ys, N, K, 6, 4); break;
+                }
             }
         }
     }
@@ -393,7 +402,7 @@ def build():
                 library.add_rms_norm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_float, ctypes.c_void_p] + norm[1:]
                 library.swiglu.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int]
                 library.argmax_rows.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]
-                library.few_rows_linear.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+                library.linear_rows.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
             return library
     return None
 
@@ -512,12 +521,13 @@ def argmax(x):
 
 
 def serves_linear(x, linear):
-    """Whether linear_rows serves x through this Linear: a decode step of a few lanes (<= 64 rows)
-    of a pretrained model, float32 on CPU, no grad. MKL's sgemm packs the weight anew each call,
-    which at 32 rows of SmolLM2 (weights of 0.3-113 MB from memory) ran at ~70 GFLOP/s against ~95
-    here; small weights (the paper's models, <256 KB) stay with MKL."""
+    """Whether linear_rows serves x through this Linear: a pretrained model's weight (>= 64k values),
+    float32 on CPU, no grad, rows of x at any count. MKL's sgemm packs the weight anew each call:
+    at 32 rows of SmolLM2 (weights of 0.3-113 MB, from memory) it ran at ~97 GFLOP/s against
+    ~170 here, and at 100-4096 rows at 110-177 against 180-210. Small weights (the paper's
+    models, <256 KB) and training stay with MKL."""
     w = linear.weight
-    return (x.dim() == 2 and x.size(0) <= 64 and x.size(1) % 16 == 0 and w.numel() >= 65536
+    return (x.dim() == 2 and x.size(1) % 16 == 0 and w.numel() >= 65536
             and x.dtype == w.dtype and w.is_contiguous() and linear.bias is None
             and not torch.is_grad_enabled() and serves(x.device, x.dtype))
 
@@ -526,6 +536,6 @@ def linear_rows(x, weight):
     """x (M, K) @ weight.T for weight (N, K) -> (M, N): see serves_linear."""
     x = x.contiguous()
     y = x.new_empty(x.size(0), weight.size(0))
-    library().few_rows_linear(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.size(0), weight.size(0), x.size(1),
-                              torch.get_num_threads())
+    library().linear_rows(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.size(0), weight.size(0), x.size(1),
+                          torch.get_num_threads())
     return y
