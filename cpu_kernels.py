@@ -178,12 +178,44 @@ static void attend_chunk(const float* Q, const float* K, const float* V, float* 
     }
 }
 
+/* One lane's n new tokens: q (n, heads * hd), k, v (n, kv_heads * hd), cos, sin (n, hd / 2) at
+   positions len ..; rotates q and k, writes k and v into the lane's cache rows (kt, vc: its first
+   kv head's), attends -> out (n, heads * hd). p, rotated: scratch of CHUNK * (max_len + 16) and
+   (n * heads + 1) * hd floats. */
+static void attend_lane(const float* q, const float* k, const float* v, const float* cos, const float* sin,
+                        float* kt, float* vc, int64_t len, int64_t n, float* out, int64_t heads, int64_t kv_heads,
+                        int64_t max_len, int64_t hd, float* p, float* rotated) {
+    int64_t tiles = (max_len + 15) / 16, chunk = hd == 32 ? 9 : 4;
+    for (int64_t s = 0; s < n; s++) {  /* rotate, and write the cache */
+        int64_t pos = len + s;
+        const float *c = cos + s * hd / 2, *si = sin + s * hd / 2;
+        for (int64_t h = 0; h < heads; h++)
+            rotate(rotated + (s * heads + h) * hd, q + (s * heads + h) * hd, c, si, hd);
+        for (int64_t h = 0; h < kv_heads; h++) {
+            float* key = rotated + n * heads * hd;
+            rotate(key, k + (s * kv_heads + h) * hd, c, si, hd);
+            for (int64_t d = 0; d < hd; d++) kt[((h * tiles + pos / 16) * hd + d) * 16 + pos % 16] = key[d];
+            for (int64_t d = 0; d < hd; d++) vc[(h * max_len + pos) * hd + d] = v[(s * kv_heads + h) * hd + d];
+        }
+    }
+    for (int64_t h = 0; h < heads; h++) {
+        int64_t g = h / (heads / kv_heads);
+        const float* K = kt + g * tiles * 16 * hd;
+        const float* V = vc + g * max_len * hd;
+        for (int64_t s0 = 0; s0 < n; s0 += chunk) {
+            int64_t ns = n - s0 < chunk ? n - s0 : chunk;
+            attend_chunk(rotated + (s0 * heads + h) * hd, K, V, out + (s0 * heads + h) * hd, heads * hd, len + s0,
+                         p, ns, hd);
+        }
+    }
+}
+
 void attend(const float* q, const float* k, const float* v, const float* cos, const float* sin, float* kt,
             float* vc, const int64_t* row, const int64_t* len, const int64_t* n_new, float* out,
             int64_t lanes, int64_t heads, int64_t kv_heads, int64_t max_len, int64_t hd, int threads) {
     int64_t* start = malloc(sizeof(int64_t) * (lanes + 1));  /* lane b's first token */
     int64_t most = 0;                                           /* the most tokens a lane has */
-    int64_t tiles = (max_len + 15) / 16, chunk = hd == 32 ? 9 : 4;
+    int64_t tiles = (max_len + 15) / 16;
     start[0] = 0;
     for (int64_t b = 0; b < lanes; b++) {
         start[b + 1] = start[b] + n_new[b];
@@ -195,29 +227,10 @@ void attend(const float* q, const float* k, const float* v, const float* cos, co
         float* rotated = malloc(sizeof(float) * (most * heads * hd + hd));  /* a lane's queries, then a key */
         #pragma omp for schedule(dynamic, 8)
         for (int64_t b = 0; b < lanes; b++) {
-            for (int64_t t = start[b]; t < start[b + 1]; t++) {  /* rotate, and write the cache */
-                int64_t s = t - start[b], pos = len[b] + s;
-                const float *c = cos + t * hd / 2, *si = sin + t * hd / 2;
-                for (int64_t h = 0; h < heads; h++)
-                    rotate(rotated + (s * heads + h) * hd, q + (t * heads + h) * hd, c, si, hd);
-                for (int64_t h = 0; h < kv_heads; h++) {
-                    float* key = rotated + most * heads * hd;
-                    rotate(key, k + (t * kv_heads + h) * hd, c, si, hd);
-                    int64_t at = row[b] * kv_heads + h;
-                    for (int64_t d = 0; d < hd; d++) kt[((at * tiles + pos / 16) * hd + d) * 16 + pos % 16] = key[d];
-                    for (int64_t d = 0; d < hd; d++) vc[(at * max_len + pos) * hd + d] = v[(t * kv_heads + h) * hd + d];
-                }
-            }
-            for (int64_t h = 0; h < heads; h++) {
-                int64_t at = row[b] * kv_heads + h / (heads / kv_heads);
-                const float* K = kt + at * tiles * 16 * hd;
-                const float* V = vc + at * max_len * hd;
-                for (int64_t s0 = 0; s0 < n_new[b]; s0 += chunk) {
-                    int64_t t = start[b] + s0, ns = n_new[b] - s0 < chunk ? n_new[b] - s0 : chunk;
-                    attend_chunk(rotated + (s0 * heads + h) * hd, K, V, out + (t * heads + h) * hd, heads * hd,
-                                 len[b] + s0, p, ns, hd);
-                }
-            }
+            int64_t t = start[b];
+            attend_lane(q + t * heads * hd, k + t * kv_heads * hd, v + t * kv_heads * hd, cos + t * hd / 2,
+                        sin + t * hd / 2, kt + row[b] * kv_heads * tiles * 16 * hd, vc + row[b] * kv_heads * max_len * hd,
+                        len[b], n_new[b], out + t * heads * hd, heads, kv_heads, max_len, hd, p, rotated);
         }
         free(p);
         free(rotated);
@@ -260,17 +273,19 @@ void add_rms_norm(const float* x, const float* r, const float* w, float eps, flo
     }
 }
 
+static inline void swiglu_at(const float* a, const float* b, float* out, int64_t i, int64_t n) {
+    __mmask16 in = i + 16 <= n ? 0xffff : (__mmask16)((1u << (n - i)) - 1);
+    __m512 x = _mm512_maskz_loadu_ps(in, a + i);
+    __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(x)));  /* e^-|x| */
+    __mmask16 negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
+    __m512 top = _mm512_mask_mul_ps(x, negative, x, e);  /* silu(x) = x / (1 + e^-x) = x e^x / (1 + e^x) */
+    __m512 silu = _mm512_div_ps(top, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+    _mm512_mask_storeu_ps(out + i, in, _mm512_mul_ps(silu, _mm512_maskz_loadu_ps(in, b + i)));
+}
+
 void swiglu(const float* a, const float* b, float* out, int64_t n, int threads) {
     #pragma omp parallel for schedule(static) num_threads(threads) if(n > 32768)
-    for (int64_t i = 0; i < n; i += 16) {
-        __mmask16 in = i + 16 <= n ? 0xffff : (__mmask16)((1u << (n - i)) - 1);
-        __m512 x = _mm512_maskz_loadu_ps(in, a + i);
-        __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(x)));  /* e^-|x| */
-        __mmask16 negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
-        __m512 top = _mm512_mask_mul_ps(x, negative, x, e);  /* silu(x) = x / (1 + e^-x) = x e^x / (1 + e^x) */
-        __m512 silu = _mm512_div_ps(top, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
-        _mm512_mask_storeu_ps(out + i, in, _mm512_mul_ps(silu, _mm512_maskz_loadu_ps(in, b + i)));
-    }
+    for (int64_t i = 0; i < n; i += 16) swiglu_at(a, b, out, i, n);
 }
 
 /* Each row's index of its largest value: the first of equal ones, or the first NaN (torch.argmax's). */
@@ -365,6 +380,110 @@ void linear_rows(const float* x, const float* w, float* y, int64_t M, int64_t N,
         }
     }
 }
+
+/* y (T, N) = x (T, K) wt (K, N), or y + that with add (a residual), for the small weights of the
+   paper's models, transposed (in, out) and in the CPU's caches: 6 rows x 64 columns of sums stay
+   in registers along K, nothing to add across lanes at the end. N a multiple of 16. */
+static inline __attribute__((always_inline)) void rows_times_columns(const float* x, const float* wt, float* y,
+        int64_t N, int64_t K, int add, const int MB, const int NV) {
+    __m512 acc[6][4];
+    for (int i = 0; i < MB; i++) for (int j = 0; j < NV; j++) acc[i][j] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k++) {
+        __m512 wv[4];
+        for (int j = 0; j < NV; j++) wv[j] = _mm512_loadu_ps(wt + k * N + j * 16);
+        for (int i = 0; i < MB; i++) {
+            __m512 xv = _mm512_set1_ps(x[i * K + k]);
+            __asm__("" : "+v"(xv));  /* one broadcast for NV products (see rows_times_weights) */
+            for (int j = 0; j < NV; j++) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
+        }
+    }
+    for (int i = 0; i < MB; i++)
+        for (int j = 0; j < NV; j++) {
+            float* out = y + i * N + j * 16;
+            _mm512_storeu_ps(out, add ? _mm512_add_ps(_mm512_loadu_ps(out), acc[i][j]) : acc[i][j]);
+        }
+}
+
+#define ROWS_TIMES_COLUMNS(NV) switch (mb) { \
+    case 1: rows_times_columns(xs, ws, ys, N, K, add, 1, NV); break; \
+    case 2: rows_times_columns(xs, ws, ys, N, K, add, 2, NV); break; \
+    case 3: rows_times_columns(xs, ws, ys, N, K, add, 3, NV); break; \
+    case 4: rows_times_columns(xs, ws, ys, N, K, add, 4, NV); break; \
+    case 5: rows_times_columns(xs, ws, ys, N, K, add, 5, NV); break; \
+    default: rows_times_columns(xs, ws, ys, N, K, add, 6, NV); break; }
+
+static void small_product(const float* x, const float* wt, float* y, int64_t T, int64_t N, int64_t K, int add) {
+    for (int64_t n0 = 0; n0 < N; n0 += 64)  /* 64 columns of the weight stay in L1 over the rows */
+        for (int64_t m0 = 0; m0 < T; m0 += 6) {
+            int mb = T - m0 < 6 ? T - m0 : 6, nv = N - n0 < 64 ? (N - n0) / 16 : 4;
+            const float* xs = x + m0 * K;
+            const float* ws = wt + n0;
+            float* ys = y + m0 * N + n0;
+            if (nv == 4) ROWS_TIMES_COLUMNS(4) else if (nv == 3) ROWS_TIMES_COLUMNS(3)
+            else if (nv == 2) ROWS_TIMES_COLUMNS(2) else ROWS_TIMES_COLUMNS(1)
+        }
+}
+
+/* A decode step's blocks for a model whose weights all fit in the CPU's caches (the paper's): x
+   (N, C), the new tokens lane by lane, in place. Each thread takes a group of lanes of ~GROUP
+   tokens through every block, as model.py's Block computes it (norm, q k v, attention, o,
+   residual, norm, SwiGLU MLP, residual): a group's rows stay in its caches throughout, no
+   thread waits for another, and no call returns to Python between layers. weights: 9 a layer
+   (attention norm, q k v o transposed, MLP norm, gate up down transposed); kt, vc: each layer's
+   caches, as attend keeps them. heads * hd == C; C, hidden, kv_heads * hd multiples of 16. */
+#define GROUP 96
+void decode_blocks(float* x, const float* cos, const float* sin, const float* const* weights, float* const* kt,
+                   float* const* vc, const int64_t* row, const int64_t* len, const int64_t* n_new, int64_t lanes,
+                   int64_t layers, int64_t C, int64_t heads, int64_t kv_heads, int64_t hd, int64_t hidden,
+                   int64_t max_len, float eps, int threads) {
+    int64_t* start = malloc(sizeof(int64_t) * (lanes + 1));  /* lane b's first token */
+    int64_t* first = malloc(sizeof(int64_t) * (lanes + 1));  /* group g's first lane */
+    int64_t groups = 0, most = 0, rows = 0, kvc = kv_heads * hd, tiles = (max_len + 15) / 16;
+    start[0] = 0;
+    for (int64_t b = 0; b < lanes; b++) {
+        start[b + 1] = start[b] + n_new[b];
+        most = n_new[b] > most ? n_new[b] : most;
+        if (groups == 0 || start[b] - start[first[groups - 1]] >= GROUP) first[groups++] = b;
+    }
+    first[groups] = lanes;
+    for (int64_t g = 0; g < groups; g++)  /* the most tokens a group has */
+        rows = start[first[g + 1]] - start[first[g]] > rows ? start[first[g + 1]] - start[first[g]] : rows;
+    #pragma omp parallel num_threads(threads)
+    {
+        float* h = malloc(sizeof(float) * (rows * (3 * C + 2 * kvc + 2 * hidden) + CHUNK * (max_len + 16)
+                                           + (most * heads + 1) * hd));
+        float *q = h + rows * C, *k = q + rows * C, *v = k + rows * kvc, *att = v + rows * kvc;
+        float *gate = att + rows * C, *up = gate + rows * hidden, *p = up + rows * hidden;
+        float* rotated = p + CHUNK * (max_len + 16);
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t g = 0; g < groups; g++) {
+            int64_t t0 = start[first[g]], T = start[first[g + 1]] - t0;
+            float* xs = x + t0 * C;
+            for (int64_t l = 0; l < layers; l++) {
+                const float* const* w = weights + 9 * l;
+                for (int64_t t = 0; t < T; t++) scale_row(xs + t * C, w[0], scale_of(xs + t * C, C, eps), h + t * C, C);
+                small_product(h, w[1], q, T, C, C, 0);
+                small_product(h, w[2], k, T, kvc, C, 0);
+                small_product(h, w[3], v, T, kvc, C, 0);
+                for (int64_t b = first[g]; b < first[g + 1]; b++) {
+                    int64_t s = start[b] - t0;
+                    attend_lane(q + s * C, k + s * kvc, v + s * kvc, cos + (t0 + s) * hd / 2, sin + (t0 + s) * hd / 2,
+                                kt[l] + row[b] * kv_heads * tiles * 16 * hd, vc[l] + row[b] * kv_heads * max_len * hd,
+                                len[b], n_new[b], att + s * C, heads, kv_heads, max_len, hd, p, rotated);
+                }
+                small_product(att, w[4], xs, T, C, C, 1);
+                for (int64_t t = 0; t < T; t++) scale_row(xs + t * C, w[5], scale_of(xs + t * C, C, eps), h + t * C, C);
+                small_product(h, w[6], gate, T, hidden, C, 0);
+                small_product(h, w[7], up, T, hidden, C, 0);
+                for (int64_t i = 0; i < T * hidden; i += 16) swiglu_at(gate, up, gate, i, T * hidden);
+                small_product(gate, w[8], xs, T, C, hidden, 1);
+            }
+        }
+        free(h);
+    }
+    free(start);
+    free(first);
+}
 #else
 int has_attend(void) { return 0; }
 #endif
@@ -404,6 +523,8 @@ def build():
                 library.swiglu.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int]
                 library.argmax_rows.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]
                 library.linear_rows.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+                library.decode_blocks.argtypes = ([ctypes.c_void_p] * 9 + [ctypes.c_int64] * 8
+                                                  + [ctypes.c_float, ctypes.c_int])
             return library
     return None
 
@@ -480,6 +601,23 @@ def attend(q, k, v, cos, sin, k_tiles, v_cache, rows, lengths, n_new):
                      n_new.data_ptr(), out.data_ptr(), len(n_new), q.size(1) // head_dim, kv_heads, max_len,
                      head_dim, torch.get_num_threads())
     return out
+
+
+def decode_blocks(x, cos, sin, weights, k_caches, v_caches, rows, lengths, n_new, heads, eps):
+    """A decode step's blocks in one call, for a model whose weights fit in the CPU's caches: x (N, C)
+    the new tokens lane by lane (as attend takes them), cos, sin (N, hd / 2); weights: 9 a block
+    (attention norm, q k v o as (in, out), MLP norm, gate up down as (in, out)); each block's
+    caches as attend keeps them -> x after every block."""
+    x, cos, sin = (t.contiguous() for t in (x, cos, sin))
+    x = x.clone()
+    rows, lengths, n_new = (t.to(torch.int64).contiguous() for t in (rows, lengths, n_new))
+    kv_heads, max_len, head_dim = v_caches[0].shape[1:]
+    pointers = lambda tensors: (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+    library().decode_blocks(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), pointers(weights), pointers(k_caches),
+                            pointers(v_caches), rows.data_ptr(), lengths.data_ptr(), n_new.data_ptr(), len(n_new),
+                            len(k_caches), x.size(1), heads, kv_heads, head_dim, weights[6].size(1), max_len, eps,
+                            torch.get_num_threads())
+    return x
 
 
 # The same math as model.py's PyTorch functions of these names, for float32 on CPU and no autograd:

@@ -729,7 +729,14 @@ class GPT(nn.Module):
         the lanes go in groups of ~GROUP_TOKENS tokens, all blocks a group at a time: its
         activations stay in the CPU's caches, and the matrix products run faster on those rows.
         (PyTorch's attention takes the whole (B, S) grid at once.)"""
-        if step.ops is not cpu_kernels or not self.blocks[0].attn.keys_in_tiles or len(x) <= GROUP_TOKENS:
+        in_c = step.ops is cpu_kernels and self.blocks[0].attn.keys_in_tiles
+        weights = self._weights_in_caches() if in_c else None
+        if weights is not None:  # the paper's models: every block in one C call, lane groups a thread each
+            attn = self.blocks[0].attn
+            return cpu_kernels.decode_blocks(x, cos, sin, weights, [b.attn.k_cache for b in self.blocks],
+                                             [b.attn.v_cache for b in self.blocks], step.rows, step.lengths,
+                                             step.n_new, attn.n_head, self.config.norm_eps)
+        if not in_c or len(x) <= GROUP_TOKENS:
             for block in self.blocks:
                 x = block(x, cos, sin, step=step)
             return x
@@ -750,6 +757,26 @@ class GPT(nn.Module):
                 y = block(y, cos[t0:t1], sin[t0:t1], step=group)
             out[t0:t1] = y
         return out
+
+    def _weights_in_caches(self):
+        """The blocks' weights as cpu_kernels.decode_blocks takes them (9 a block, the products'
+        transposed), where they fit in a core's caches together (<= 1 MB: the paper's models, 512 KB)
+        and the blocks are plain (no LoRA, no biases) -> a list, else None."""
+        c, attn = self.config, self.blocks[0].attn
+        linears = [m for block in self.blocks for m in (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj,
+                                                         block.attn.o_proj, block.mlp.gate_proj, block.mlp.up_proj,
+                                                         block.mlp.down_proj)]
+        if (sum(m.weight.numel() for m in linears) > 2 ** 18 or any(type(m) is not nn.Linear or m.bias is not None
+                                                                     for m in linears)
+                or c.n_embd % 16 or c.mlp_hidden % 16 or (attn.n_kv_head * attn.head_dim) % 16
+                or attn.n_head * attn.head_dim != c.n_embd):
+            return None
+        weights = []
+        for block in self.blocks:
+            a, m = block.attn, block.mlp
+            weights += [block.attn_norm.weight, *(l.weight.t().contiguous() for l in (a.q_proj, a.k_proj, a.v_proj, a.o_proj)),
+                        block.mlp_norm.weight, *(l.weight.t().contiguous() for l in (m.gate_proj, m.up_proj, m.down_proj))]
+        return weights
 
     # ------------------------------------------------------------------------------------------
     # Training helpers

@@ -196,13 +196,14 @@ def test_a_bfloat16_model_decodes_over_a_float32_cache():
         torch.testing.assert_close(logits[b].float(), full[b, length - 1], rtol=2e-2, atol=2e-2)
 
 
-# heads of 8: PyTorch's attention; of 32: the C loops' where they build, lanes in groups of ~6 tokens too
-@pytest.mark.parametrize('n_embd,group', [(32, 1024), (128, 1024), (128, 6)])
-def test_decoding_a_few_rows_and_dropping_lanes_keeps_every_lane_exact(n_embd, group, monkeypatch):
+# heads of 8: PyTorch's attention; of 32: the C loops' where they build, lanes in groups of ~6 tokens
+# too; and one layer of 128, whose weights fit in a core's caches: every block in one C call
+@pytest.mark.parametrize('n_embd,n_layer,group', [(32, 2, 1024), (128, 2, 1024), (128, 2, 6), (128, 1, 1024)])
+def test_decoding_a_few_rows_and_dropping_lanes_keeps_every_lane_exact(n_embd, n_layer, group, monkeypatch):
     """agent.py splices a tool's answer into a few lanes only, and drops finished lanes."""
     import model as model_py
     monkeypatch.setattr(model_py, 'GROUP_TOKENS', group)
-    model = tiny(n_embd=n_embd).eval()
+    model = tiny(n_embd=n_embd, n_layer=n_layer).eval()
     idx = torch.randint(0, 50, (4, 40))
     full, _ = model(idx)
     model.setup_cache(4, 48)
@@ -226,7 +227,9 @@ def test_decoding_a_few_rows_and_dropping_lanes_keeps_every_lane_exact(n_embd, g
     logits = model.decode(idx[lanes[rows]].gather(1, length[lanes[rows], None] + torch.arange(3)), rows=rows)
     for i, b in enumerate(lanes[rows].tolist()):
         torch.testing.assert_close(logits[i], full[b, length[b] + 2], rtol=1e-5, atol=1e-5)
-    assert model.blocks[0].attn.keys_in_tiles == (n_embd == 128 and cpu_kernels.attends('cpu', torch.float32, 32))
+    in_c = n_embd == 128 and cpu_kernels.attends('cpu', torch.float32, 32)
+    assert model.blocks[0].attn.keys_in_tiles == in_c
+    assert (model._weights_in_caches() is not None) == (n_embd == 32 or n_layer == 1)  # <= 1 MB of weights
 
 
 @pytest.mark.parametrize('n_embd', [32, 128])
