@@ -64,7 +64,7 @@ def readme_commands():
 
 def test_every_readme_command_runs(tmp_path):
     for item in os.listdir(ROOT):  # the project as a fresh clone has it, without tests and results
-        if item.endswith('.py') or item in ('config', 'atoms', 'bench', 'figures', 'prompts'):
+        if item.endswith(('.py', '.c')) or item in ('config', 'atoms', 'bench', 'figures', 'prompts'):
             copy = shutil.copytree if os.path.isdir(os.path.join(ROOT, item)) else shutil.copy
             copy(os.path.join(ROOT, item), tmp_path / item)
     paper_grid(tmp_path / 'grid4.csv')  # the authors' published grid, which a user downloads
