@@ -16,7 +16,6 @@ import json
 import math
 import os
 import random
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -67,8 +66,15 @@ class Lane:
 
 def is_correct(answer, expected):
     """The paper's rule: the final answer holds the expected value, here as a whole word
-    (so '1/7/1975' is not found inside '11/7/1975')."""
-    return re.search(r'(?<![\w/])' + re.escape(expected) + r'(?![\w/])', answer) is not None
+    (so '1/7/1975' is not found inside '11/7/1975'): no letter, digit, '_' or '/' on either side.
+    (A regular expression built for each value took ~30 ms a batch of 1024: ~5% of it.)"""
+    glued = lambda c: c != '' and (c.isalnum() or c in '_/')  # c: one character, or '' at an end
+    at = answer.find(expected)
+    while at >= 0:
+        if not (glued(answer[at - 1:at]) or glued(answer[at + len(expected):at + len(expected) + 1])):
+            return True
+        at = answer.find(expected, at + 1)
+    return False
 
 
 def ngram_keys(tokens, n, shorter=None):

@@ -2,6 +2,7 @@
 import hashlib
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -162,6 +163,14 @@ def test_answers_are_scored_as_whole_values():
     assert not agent.is_correct('Ada was born on 11/7/1975.', '1/7/1975')
     assert not agent.is_correct('Ada lives in Parisville.', 'Paris')
     assert agent.is_correct('Ada works as an engineer.', 'engineer')
+    # the rule as a regular expression, on values at the ends, twice, next to letters of any script
+    rule = lambda answer, value: re.search(r'(?<![\w/])' + re.escape(value) + r'(?![\w/])', answer) is not None
+    cases = [('Paris', 'Paris'), ('Parisville, then Paris', 'Paris'), ('éParis', 'Paris'), ('Paris_', 'Paris'),
+             ('/Paris', 'Paris'), ('Paris/', 'Paris'), ('(Paris)', 'Paris'), ('Paris-Nord', 'Paris'),
+             ('1/7/1975 or 11/7/1975', '11/7/1975'), ('x11/7/1975', '11/7/1975'), ('Paris٣', 'Paris'),
+             ('', 'Paris'), ('Ada', ''), ('', '')]
+    for answer, value in cases:
+        assert agent.is_correct(answer, value) == rule(answer, value), (answer, value)
 
 
 def test_sampling_is_seeded(data_dir, tmp_path):
