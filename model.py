@@ -536,6 +536,7 @@ class GPT(nn.Module):
         self.norm = RMSNorm(config.n_embd, config.norm_eps)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.low_bits_head = None  # lowbit.py's copy, for decoding
+        self._transposed = (None, None)  # (which weights, at which versions; their copies): _weights_in_caches
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         cos, sin = rope_table(config.n_embd // config.n_head, config.block_size, config.rope_theta,
@@ -558,8 +559,10 @@ class GPT(nn.Module):
                 nn.init.normal_(p, std=std)
 
     def _apply(self, fn, *args, **kwargs):
-        """.to(), .cuda(), .cpu() all pass here: the weights moved, so pick the kernels again."""
+        """.to(), .cuda(), .cpu() all pass here: the weights moved, so pick the kernels again (and
+        drop the transposed copies: the weights' new values need not bump their versions)."""
         super()._apply(fn, *args, **kwargs)
+        self._transposed = (None, None)
         self._pick_ops()
         return self
 
@@ -771,12 +774,17 @@ class GPT(nn.Module):
                 or c.n_embd % 16 or c.mlp_hidden % 16 or (attn.n_kv_head * attn.head_dim) % 16
                 or attn.n_head * attn.head_dim != c.n_embd):
             return None
-        weights = []
-        for block in self.blocks:
-            a, m = block.attn, block.mlp
-            weights += [block.attn_norm.weight, *(l.weight.t().contiguous() for l in (a.q_proj, a.k_proj, a.v_proj, a.o_proj)),
-                        block.mlp_norm.weight, *(l.weight.t().contiguous() for l in (m.gate_proj, m.up_proj, m.down_proj))]
-        return weights
+        # the transposed copies, made again when a weight changes (training steps between evaluations
+        # bump its version): at one lane making them took as long as the step
+        key = [(id(p), p.data_ptr(), p._version) for block in self.blocks for p in block.parameters()]
+        if self._transposed[0] != key:
+            weights = []
+            for block in self.blocks:
+                a, m = block.attn, block.mlp
+                weights += [block.attn_norm.weight, *(l.weight.t().contiguous() for l in (a.q_proj, a.k_proj, a.v_proj, a.o_proj)),
+                            block.mlp_norm.weight, *(l.weight.t().contiguous() for l in (m.gate_proj, m.up_proj, m.down_proj))]
+            self._transposed = (key, weights)
+        return self._transposed[1]
 
     # ------------------------------------------------------------------------------------------
     # Training helpers

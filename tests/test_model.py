@@ -232,6 +232,25 @@ def test_decoding_a_few_rows_and_dropping_lanes_keeps_every_lane_exact(n_embd, n
     assert (model._weights_in_caches() is not None) == (n_embd == 32 or n_layer == 1)  # <= 1 MB of weights
 
 
+def test_decoding_follows_weights_changed_between_calls():
+    """decode_blocks' transposed copies of the weights are made again when the weights change: an
+    optimizer step in place (train.py's evaluations between steps), a round trip through bfloat16."""
+    model = tiny(n_embd=128, n_layer=1).eval()
+    idx = torch.randint(0, 50, (2, 12))
+    for change in (lambda: torch.optim.SGD(model.parameters(), lr=0.5).step(),
+                   lambda: model.to(torch.bfloat16).to(torch.float32)):
+        model.setup_cache(2, 16)
+        model.prefill(idx, torch.tensor([12, 12]))  # copies made for the weights as they are
+        model.zero_grad()
+        model(idx, idx)[1].backward()
+        with torch.no_grad():
+            change()
+        full, _ = model(idx)
+        model.setup_cache(2, 16)
+        torch.testing.assert_close(model.prefill(idx, torch.tensor([12, 7])), full[[0, 1], [11, 6]],
+                                   rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize('n_embd', [32, 128])
 def test_a_cache_set_up_again_is_reused_and_what_it_held_is_never_read(n_embd):
     model = tiny(n_embd=n_embd).eval()
