@@ -766,13 +766,14 @@ class GPT(nn.Module):
         transposed), where they fit in a core's caches together (<= 1 MB: the paper's models, 512 KB)
         and the blocks are plain (no LoRA, no biases) -> a list, else None."""
         c, attn = self.config, self.blocks[0].attn
-        linears = [m for block in self.blocks for m in (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj,
-                                                         block.attn.o_proj, block.mlp.gate_proj, block.mlp.up_proj,
-                                                         block.mlp.down_proj)]
-        if (sum(m.weight.numel() for m in linears) > 2 ** 18 or any(type(m) is not nn.Linear or m.bias is not None
-                                                                     for m in linears)
-                or c.n_embd % 16 or c.mlp_hidden % 16 or (attn.n_kv_head * attn.head_dim) % 16
-                or attn.n_head * attn.head_dim != c.n_embd):
+        products = lambda block: (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj, block.attn.o_proj,
+                                  block.mlp.gate_proj, block.mlp.up_proj, block.mlp.down_proj)
+        linears = [m for block in self.blocks for m in products(block)]
+        plain = all(type(m) is nn.Linear and m.bias is None for m in linears)
+        small = sum(m.weight.numel() for m in linears) <= 2 ** 18  # float32 values: 1 MB
+        shapes = (c.n_embd % 16 == 0 and c.mlp_hidden % 16 == 0 and attn.n_kv_head * attn.head_dim % 16 == 0
+                  and attn.n_head * attn.head_dim == c.n_embd)
+        if not (plain and small and shapes):
             return None
         # the transposed copies, made again when a weight changes (training steps between evaluations
         # bump its version): at one lane making them took as long as the step
@@ -780,9 +781,8 @@ class GPT(nn.Module):
         if self._transposed[0] != key:
             weights = []
             for block in self.blocks:
-                a, m = block.attn, block.mlp
-                weights += [block.attn_norm.weight, *(l.weight.t().contiguous() for l in (a.q_proj, a.k_proj, a.v_proj, a.o_proj)),
-                            block.mlp_norm.weight, *(l.weight.t().contiguous() for l in (m.gate_proj, m.up_proj, m.down_proj))]
+                q, k, v, o, gate, up, down = (m.weight.t().contiguous() for m in products(block))
+                weights += [block.attn_norm.weight, q, k, v, o, block.mlp_norm.weight, gate, up, down]
             self._transposed = (key, weights)
         return self._transposed[1]
 
