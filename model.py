@@ -536,7 +536,7 @@ class GPT(nn.Module):
         self.norm = RMSNorm(config.n_embd, config.norm_eps)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.low_bits_head = None  # lowbit.py's copy, for decoding
-        self._transposed = (None, None)  # (which weights, at which versions; their copies): _weights_in_caches
+        self._transposed = None  # decode_blocks' copies of the weights: _weights_in_caches
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         cos, sin = rope_table(config.n_embd // config.n_head, config.block_size, config.rope_theta,
@@ -560,9 +560,9 @@ class GPT(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         """.to(), .cuda(), .cpu() all pass here: the weights moved, so pick the kernels again (and
-        drop the transposed copies: the weights' new values need not bump their versions)."""
+        copy them again for decode_blocks)."""
         super()._apply(fn, *args, **kwargs)
-        self._transposed = (None, None)
+        self._transposed = None
         self._pick_ops()
         return self
 
@@ -656,7 +656,10 @@ class GPT(nn.Module):
 
     def setup_cache(self, batch_size, max_len=None, dtype=None):
         """A KV cache for batch_size lanes of up to max_len tokens (block_size), held by the
-        attention modules. Every lane starts empty; cache_lengths counts its tokens."""
+        attention modules. Every lane starts empty; cache_lengths counts its tokens. The weights
+        decoding reads are the weights as they are at the first decode after this call (C loops'
+        copies are made then, see _weights_in_caches)."""
+        self._transposed = None
         max_len = max_len or self.config.block_size
         self._check_length(max_len)
         weight = self.embed.weight
@@ -775,16 +778,16 @@ class GPT(nn.Module):
                   and attn.n_head * attn.head_dim == c.n_embd)
         if not (plain and small and shapes):
             return None
-        # the transposed copies, made again when a weight changes (training steps between evaluations
-        # bump its version): at one lane making them took as long as the step
-        key = [(id(p), p.data_ptr(), p._version) for block in self.blocks for p in block.parameters()]
-        if self._transposed[0] != key:
+        # the transposed copies, made once a generation (setup_cache drops them): at one lane, making
+        # them each step took as long as the step. Not on the weights' versions: fused AdamW, which
+        # train.py steps between evaluations, changes weights without bumping them.
+        if self._transposed is None:
             weights = []
             for block in self.blocks:
                 q, k, v, o, gate, up, down = (m.weight.t().contiguous() for m in products(block))
                 weights += [block.attn_norm.weight, q, k, v, o, block.mlp_norm.weight, gate, up, down]
-            self._transposed = (key, weights)
-        return self._transposed[1]
+            self._transposed = weights
+        return self._transposed
 
     # ------------------------------------------------------------------------------------------
     # Training helpers

@@ -232,15 +232,16 @@ def test_decoding_a_few_rows_and_dropping_lanes_keeps_every_lane_exact(n_embd, n
     assert (model._weights_in_caches() is not None) == (n_embd == 32 or n_layer == 1)  # <= 1 MB of weights
 
 
-def test_decoding_follows_weights_changed_between_calls():
-    """decode_blocks' transposed copies of the weights are made again when the weights change: an
-    optimizer step in place (train.py's evaluations between steps), a round trip through bfloat16."""
+def test_each_generation_reads_the_weights_as_they_are():
+    """decode_blocks' transposed copies of the weights are made again for each new cache: after a
+    training step of train.py's optimizer (fused AdamW, which changes weights without bumping
+    their versions) and after a round trip through bfloat16."""
     model = tiny(n_embd=128, n_layer=1).eval()
+    optimizer = model.configure_optimizer(0.1, 0.01, (0.9, 0.95), 'cpu')
     idx = torch.randint(0, 50, (2, 12))
-    for change in (lambda: torch.optim.SGD(model.parameters(), lr=0.5).step(),
-                   lambda: model.to(torch.bfloat16).to(torch.float32)):
+    for change in (optimizer.step, lambda: model.to(torch.bfloat16).to(torch.float32)):
         model.setup_cache(2, 16)
-        model.prefill(idx, torch.tensor([12, 12]))  # copies made for the weights as they are
+        model.prefill(idx, torch.tensor([12, 12]))  # copies made of the weights as they are
         model.zero_grad()
         model(idx, idx)[1].backward()
         with torch.no_grad():
