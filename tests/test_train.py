@@ -64,6 +64,24 @@ def test_training_drives_the_loss_down(data_dir, tmp_path):
     assert json.load(open(tmp_path / 'config.json'))['n_embd'] == 32
 
 
+def test_evaluations_during_training_read_the_weights_of_their_step(data_dir, tmp_path, monkeypatch):
+    """train.py's recall evaluations generate from the weights as they are at that step, on a model
+    whose decode steps run in one C call from copies of its weights (width 64, heads of 32): fused
+    AdamW changes weights without bumping their versions, and copies kept by version went stale."""
+    import model as model_py
+    prefill, agreed = model_py.GPT.prefill, []
+
+    def checked(self, idx, lengths):  # each generation's first logits against a plain forward pass
+        logits = prefill(self, idx, lengths)
+        full, _ = self(idx)
+        agreed.append(torch.allclose(logits, full[torch.arange(len(idx)), lengths - 1], rtol=1e-4, atol=1e-4))
+        return logits
+    monkeypatch.setattr(model_py.GPT, 'prefill', checked)
+    train.train(config(data_dir, tmp_path, '--max_iters=4', '--eval_interval=2', '--eval_questions=4',
+                       '--n_embd=64', '--dtype=float32', '--compile=False'))
+    assert len(agreed) >= 4 and all(agreed), agreed
+
+
 def test_resumed_run_matches_uninterrupted_run_bitwise(data_dir, tmp_path):
     schedule = ['--lr_decay_iters=8', '--warmup_iters=2']
     train.train(config(data_dir, tmp_path / 'full', '--max_iters=8', *schedule))
