@@ -91,7 +91,9 @@ def low_bits_of(linears):
 
 def keep_low_bits(model):
     """Give model.py's projections a low-bit copy of the weights that are low-bit blocks ->
-    how many weight matrices got one (0 off CPU or without a C++ compiler)."""
+    how many weight matrices got one (0 off CPU or without a C++ compiler). For a model that is
+    done training (sample.py, the bench): a copy stops serving when its weight is replaced or
+    changed in place by an op that bumps its version, but fused AdamW (train.py's) does not."""
     if model.lm_head.weight.device.type != 'cpu' or library() is None:
         return 0
     kept = 0
