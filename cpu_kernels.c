@@ -452,7 +452,7 @@ void decode_blocks(float* x, const float* cos, const float* sin, const float* co
         float *q = h + rows * C, *k = q + rows * C, *v = k + rows * kvc, *att = v + rows * kvc;
         float *gate = att + rows * C, *up = gate + rows * hidden, *p = up + rows * hidden;
         float* rotated = p + CHUNK * (max_len + 16);
-        Fetch f = {malloc(sizeof(char*) * 2 * kv_heads * lanes), malloc(sizeof(int64_t) * 2 * kv_heads * lanes)};
+        Fetch f = {malloc(sizeof(char*) * 2 * kv_heads * lanes), malloc(sizeof(int64_t) * 2 * kv_heads * lanes), 0, 0, 0};
 #ifdef _OPENMP
         int64_t team = omp_get_num_threads();
 #else
