@@ -395,7 +395,7 @@ static void plan_fetch(Fetch* f, const float* kt, const float* vc, const int64_t
             f->at[f->runs] = (const char*)(vc + at * max_len * hd);
             bytes += f->left[f->runs++] = m * hd * 4;
         }
-    f->per_product = bytes / 64 / products + 1;
+    f->per_product = bytes / 64 / (products > 0 ? products : 1) + 1;  /* a group of lanes given no tokens: none */
 }
 
 static inline void fetch_some(Fetch* f) {

@@ -232,6 +232,19 @@ def test_decoding_a_few_rows_and_dropping_lanes_keeps_every_lane_exact(n_embd, n
     assert (model._weights_in_caches() is not None) == (n_embd == 32 or n_layer == 1)  # <= 1 MB of weights
 
 
+def test_lanes_given_no_tokens_can_make_a_group_of_their_own():
+    """decode_blocks cuts the lanes into groups of ~48 tokens: after a lane of 48, two lanes given
+    none make a group of no tokens (finished lanes in agent.py; a division by its size once
+    stopped train.py with SIGFPE)."""
+    model = tiny(n_embd=128, n_layer=1).eval()
+    idx = torch.randint(0, 50, (3, 48))
+    full, _ = model(idx)
+    model.setup_cache(3, 48)
+    logits = model.prefill(idx, torch.tensor([48, 0, 0]))
+    torch.testing.assert_close(logits[0], full[0, 47], rtol=1e-5, atol=1e-5)
+    assert model.cache_lengths.tolist() == [48, 0, 0] and model._weights_in_caches() is not None
+
+
 def test_each_generation_reads_the_weights_as_they_are():
     """decode_blocks' transposed copies of the weights are made again for each new cache: after a
     training step of train.py's optimizer (fused AdamW, which changes weights without bumping
