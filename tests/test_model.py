@@ -245,6 +245,30 @@ def test_lanes_given_no_tokens_can_make_a_group_of_their_own():
     assert model.cache_lengths.tolist() == [48, 0, 0] and model._weights_in_caches() is not None
 
 
+@pytest.mark.parametrize('seed', range(4))
+def test_one_call_for_every_block_computes_what_the_blocks_compute(seed, monkeypatch):
+    """decode_blocks against the same C loops called block by block, on lanes given 0 to 40 tokens
+    (empty lanes, lanes longer than a group, groups of empty lanes), then drafts of 0 to 8 more."""
+    import model as model_py
+    model = tiny(n_embd=128, n_layer=1).eval()
+    g = torch.Generator().manual_seed(seed)
+    lanes = 40
+    idx = torch.randint(0, 50, (lanes, 48), generator=g)
+    prompts = torch.randint(0, 41, (lanes,), generator=g) * (torch.rand(lanes, generator=g) < 0.7)
+    drafts = torch.randint(0, 9, (lanes,), generator=g)
+    outputs = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(model_py.GPT, '_weights_in_caches', lambda self: None)
+        model.setup_cache(lanes, 48)
+        first = model.prefill(idx[:, :40], prompts)
+        then = model.decode(idx[:, 40:48], drafts, every=True)
+        outputs.append((first[prompts > 0], then))
+    assert len(outputs[1][1]) == int(drafts.sum())
+    for ours, theirs in zip(*outputs):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
 def test_each_generation_reads_the_weights_as_they_are():
     """decode_blocks' transposed copies of the weights are made again for each new cache: after a
     training step of train.py's optimizer (fused AdamW, which changes weights without bumping
