@@ -232,7 +232,7 @@ def serves_linear(x, linear):
     """Whether linear_rows serves x through this Linear: a pretrained model's weight (>= 64k values),
     float32 on CPU, no grad, rows of x at any count. MKL's sgemm packs the weight anew each call:
     at 32 rows of SmolLM2 (weights of 0.3-113 MB, from memory) it ran at ~97 GFLOP/s against
-    ~170 here, and at 100-4096 rows at 110-177 against 180-210. Small weights (the paper's
+    ~190 here, and at 100-4096 rows at 110-177 against 180-210. Small weights (the paper's
     models, <256 KB) and training stay with MKL."""
     w = linear.weight
     return (x.dim() == 2 and x.size(1) % 16 == 0 and w.numel() >= 65536

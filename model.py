@@ -536,7 +536,7 @@ class GPT(nn.Module):
         self.norm = RMSNorm(config.n_embd, config.norm_eps)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.low_bits_head = None  # lowbit.py's copy, for decoding
-        self._transposed = None  # decode_blocks' copies of the weights: _weights_in_caches
+        self._transposed = None  # decode_blocks' copies of the weights, or False: _weights_in_caches
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         cos, sin = rope_table(config.n_embd // config.n_head, config.block_size, config.rope_theta,
@@ -767,7 +767,14 @@ class GPT(nn.Module):
     def _weights_in_caches(self):
         """The blocks' weights as cpu_kernels.decode_blocks takes them (9 a block, the products'
         transposed), where they fit in a core's caches together (<= 1 MB: the paper's models, 512 KB)
-        and the blocks are plain (no LoRA, no biases) -> a list, else None."""
+        and the blocks are plain (no LoRA, no biases) -> a list, else None.
+
+        Decided and copied once a generation (setup_cache drops both): at one lane, making the
+        copies each step took as long as the step, and the checks ~45 us of its ~400. Not on the
+        weights' versions: fused AdamW, which train.py steps between evaluations, changes weights
+        without bumping them."""
+        if self._transposed is not None:  # False: this model is not served
+            return self._transposed or None
         c, attn = self.config, self.blocks[0].attn
         products = lambda block: (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj, block.attn.o_proj,
                                   block.mlp.gate_proj, block.mlp.up_proj, block.mlp.down_proj)
@@ -776,18 +783,13 @@ class GPT(nn.Module):
         small = sum(m.weight.numel() for m in linears) <= 2 ** 18  # float32 values: 1 MB
         shapes = (c.n_embd % 16 == 0 and c.mlp_hidden % 16 == 0 and attn.n_kv_head * attn.head_dim % 16 == 0
                   and attn.n_head * attn.head_dim == c.n_embd)
-        if not (plain and small and shapes):
-            return None
-        # the transposed copies, made once a generation (setup_cache drops them): at one lane, making
-        # them each step took as long as the step. Not on the weights' versions: fused AdamW, which
-        # train.py steps between evaluations, changes weights without bumping them.
-        if self._transposed is None:
-            weights = []
+        self._transposed = False
+        if plain and small and shapes:
+            self._transposed = []
             for block in self.blocks:
                 q, k, v, o, gate, up, down = (m.weight.t().contiguous() for m in products(block))
-                weights += [block.attn_norm.weight, q, k, v, o, block.mlp_norm.weight, gate, up, down]
-            self._transposed = weights
-        return self._transposed
+                self._transposed += [block.attn_norm.weight, q, k, v, o, block.mlp_norm.weight, gate, up, down]
+        return self._transposed or None
 
     # ------------------------------------------------------------------------------------------
     # Training helpers
